@@ -1,0 +1,1 @@
+"""The training engine: a run (config, model, data, output), the Trainer, the reference."""
