@@ -99,16 +99,13 @@ def _builtin(spec: DatasetSpec, data_dir: str | None) -> list[dict]:
             rows = readers.read_pubmedqa(local, spec.split)
         else:
             hub, cfg = readers.PUBMEDQA_HUB
-            raw = _load_hub(hub, cfg, "train")
-            records = {
-                str(r["pubid"]): {
-                    "QUESTION": r["question"],
-                    "CONTEXTS": r["context"]["contexts"],
-                    "LONG_ANSWER": r["long_answer"],
-                    "final_decision": r["final_decision"],
-                }
-                for r in raw
-            }
+            splits = {"train": ["train", "validation"], "test": ["test"], "all": ["train", "validation", "test"]}
+            if spec.split not in splits:
+                raise DataError(f"unknown PubMedQA split {spec.split!r} (expected train, test or all)", field="data.split")
+            records = {}
+            for hub_split in splits[spec.split]:
+                for i, r in enumerate(_load_hub(hub, cfg, hub_split)):
+                    records[str(r.get("pubid", f"{hub_split}-{i}"))] = r
             rows = readers.pubmedqa_rows_from_records(records)
         if spec.reader == "pubmedqa-text":
             rows = [{"text": r["text"], "id": r["id"]} for r in rows]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..errors import DataError
 
-PUBMEDQA_HUB = ("qiaojin/PubMedQA", "pqa_labeled")
+# The labelled PQA-L set with the official 500-question test split (parquet on the hub;
+# every fold shares the same test split, train/validation are the other 500).
+PUBMEDQA_HUB = ("bigbio/pubmed_qa", "pubmed_qa_labeled_fold0_source")
 GSM8K_HUB = ("openai/gsm8k", "main")
 
 
