@@ -4,6 +4,12 @@ Every method works on *response positions*: the positions whose next-token label
 -100. The LM head runs only there (prompt tokens of chat data carry no loss, so computing
 their 49k-way logits would be wasted work), and one log-softmax feeds both the cross-entropy
 and any regularizer.
+
+:func:`chunked_loss` goes one step further: the LM head and the per-token loss run over
+chunks of positions, and each chunk's gradient (with respect to the hidden states and any
+trainable head weight) is taken at once, inside the forward pass. No ``[N, vocab]`` tensor
+for the whole batch ever exists, so a regularizer that needs a second full-vocabulary
+distribution (a live reference) costs no extra peak memory, and nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -64,6 +70,96 @@ def response_logits(model, batch: dict, pos: Positions | None = None) -> tuple[t
     pos = pos or response_positions(batch["labels"])
     hidden = final_hidden(model, batch["input_ids"], batch.get("attention_mask"))
     return position_logits(model, hidden, pos), pos
+
+
+def response_offsets(pos: Positions) -> torch.Tensor:
+    """Per selected position, its index within the row's response tokens (0 = first token)."""
+    return (pos.mask.long().cumsum(1) - 1)[pos.mask]
+
+
+LOSS_CHUNK = 256
+"""Positions per chunk in :func:`chunked_loss` (a 49k-vocabulary chunk is ~50 MB in fp32)."""
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Σ_chunks fn(head(h[chunk])) with each chunk's gradient computed in the forward pass.
+
+    The result is a scalar sum, so the backward only scales the stored gradients by the
+    incoming gradient: exact, and no chunk is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, head, chunk, stats, hidden, *params):
+        need_h = ctx.needs_input_grad[4]
+        wants = [need_h] + [ctx.needs_input_grad[5 + i] for i in range(len(params))]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_p = [torch.zeros_like(p) if w else None for p, w in zip(params, wants[1:])]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            e = min(s + chunk, hidden.shape[0])
+            with torch.enable_grad():
+                h = hidden[s:e].detach().requires_grad_(need_h)
+                loss, metrics = fn(head(h).float(), s, e)
+                inputs = [x for x, w in zip([h, *params], wants) if w]
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else ()
+            total += loss.detach()
+            _add_stats(stats, metrics)
+            it = iter(grads)
+            if need_h:
+                g = next(it)
+                if g is not None:
+                    grad_h[s:e] = g
+            for i, w in enumerate(wants[1:]):
+                if w:
+                    g = next(it)
+                    if g is not None:
+                        grad_p[i] += g
+        ctx.grads = (grad_h, grad_p)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_p = ctx.grads
+        ctx.grads = None
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in grad_p]
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        return (None, None, None, None, gh, *scaled)
+
+
+def _add_stats(stats: dict, metrics: dict) -> None:
+    for k, v in metrics.items():
+        stats[k] = stats.get(k, 0.0) + float(v)
+
+
+def chunked_loss(model, hidden: torch.Tensor, fn, chunk: int | None = None) -> tuple[torch.Tensor, dict]:
+    """``Σ_c fn(logits_c, start, end)`` over chunks of response positions, memory-flat.
+
+    ``hidden``: ``[N, H]`` final hidden states at the response positions (from
+    :func:`position_hidden`). ``fn(logits [n, V] float32, start, end) -> (loss_sum, metrics)``
+    returns the chunk's loss summed over its tokens and a dict of plain-number sums (summed
+    over chunks in the returned dict). Gradients are exact (tested against the unchunked loss).
+    """
+    head = lm_head(model)
+    chunk = chunk or LOSS_CHUNK
+    stats: dict = {}
+    params = [p for p in head.parameters() if p.requires_grad]
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], chunk):
+                e = min(s + chunk, hidden.shape[0])
+                loss, metrics = fn(head(hidden[s:e]).float(), s, e)
+                total += loss
+                _add_stats(stats, metrics)
+        return total, stats
+    return _ChunkedLoss.apply(fn, head, chunk, stats, hidden, *params), stats
+
+
+def position_hidden(model, batch: dict, pos: Positions | None = None) -> tuple[torch.Tensor, Positions]:
+    """Final hidden states ``[N, H]`` at the response positions of ``batch``."""
+    pos = pos or response_positions(batch["labels"])
+    hidden = final_hidden(model, batch["input_ids"], batch.get("attention_mask"))
+    return hidden[:, :-1][pos.mask], pos
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -56,23 +56,36 @@ class Reference:
             finally:
                 inner.train(was)
 
+    def live_hidden(self, model, batch: dict, pos: losses.Positions) -> torch.Tensor:
+        """The reference's final hidden states ``[N, H]`` at the response positions (no grad)."""
+        with self._as_reference(model) as ref:
+            return losses.position_hidden(ref, batch, pos)[0]
+
+    def head_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The reference's float32 logits for (a chunk of) :meth:`live_hidden` rows."""
+        with self._as_reference(model) as ref:
+            return losses.lm_head(ref)(hidden).float()
+
     def live_logits(self, model, batch: dict, pos: losses.Positions) -> torch.Tensor:
         """Reference logits ``[N, V]`` at the response positions (no grad)."""
-        with self._as_reference(model) as ref:
-            hidden = losses.final_hidden(ref, batch["input_ids"], batch.get("attention_mask"))
-            return losses.position_logits(ref, hidden, pos)
+        return self.head_logits(model, self.live_hidden(model, batch, pos))
 
     # --- cached mode ---------------------------------------------------------------------
     def build_cache(self, model, dataset, collator, batch_size: int, device) -> None:
+        """One no-grad pass: per response token, the top-k ids/log-probs and the target's log-prob."""
         self.cache.clear()
         for start in range(0, len(dataset), batch_size):
             feats = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in collator(feats).items()}
             pos = losses.response_positions(batch["labels"])
-            logits = self.live_logits(model, batch, pos)
-            logp = torch.log_softmax(logits, dim=-1)
-            top_logp, top_idx = logp.topk(self.top_k, dim=-1)
-            tgt = logp.gather(-1, pos.targets[:, None]).squeeze(-1)
+            hidden = self.live_hidden(model, batch, pos)
+            parts = []
+            for s in range(0, hidden.shape[0], losses.LOSS_CHUNK):
+                e = min(s + losses.LOSS_CHUNK, hidden.shape[0])
+                logp = torch.log_softmax(self.head_logits(model, hidden[s:e]), dim=-1)
+                top_logp, top_idx = logp.topk(self.top_k, dim=-1)
+                parts.append((top_idx, top_logp, logp.gather(-1, pos.targets[s:e, None]).squeeze(-1)))
+            top_idx, top_logp, tgt = (torch.cat([q[j] for q in parts]) for j in range(3))
             counts = pos.mask.sum(1).tolist()
             for j, (a, b, c) in enumerate(zip(top_idx.split(counts), top_logp.split(counts), tgt.split(counts))):
                 self.cache[int(batch["idx"][j])] = (a.to(torch.int32).cpu(), b.cpu(), c.cpu())

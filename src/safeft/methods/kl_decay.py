@@ -76,25 +76,28 @@ class KLDecay(Method):
             if trainer.is_world_process_zero():
                 self.reference.save(path)
 
-    def kl(self, model, batch, logits, logp, pos) -> torch.Tensor:
-        p = self.params
-        if p.reference == "cached":
-            idx, ref_logp, _ = self.reference.lookup(batch, logits.device)
-            return losses.kl_topk(logits, idx, ref_logp, p.direction)
-        ref_logp = torch.log_softmax(self.reference.live_logits(model, batch, pos), dim=-1)
-        return losses.kl_full(logp, ref_logp, p.direction)
-
     def compute_loss(self, model, batch, trainer) -> LossOutput:
         p = self.params
-        logits, pos = losses.response_logits(model, batch)
+        hidden, pos = losses.position_hidden(model, batch)
+        targets = pos.targets
         w = decay_weight(p.lam, p.gamma, trainer.epoch_index, p.per_step)
         if p.reference == "cached":
-            ce = F.cross_entropy(logits, pos.targets, reduction="none")
-            kl = self.kl(model, batch, logits, None, pos)
+            idx, ref_top, _ = self.reference.lookup(batch, hidden.device)
+
+            def fn(logits, s, e):
+                ce = F.cross_entropy(logits, targets[s:e], reduction="none")
+                kl = losses.kl_topk(logits, idx[s:e], ref_top[s:e], p.direction)
+                return (ce + w * kl).sum(), {"ce": ce.sum().detach(), "kl": kl.sum().detach()}
         else:
-            logp = torch.log_softmax(logits, dim=-1)
-            ce = -logp.gather(-1, pos.targets[:, None]).squeeze(-1)
-            kl = self.kl(model, batch, logits, logp, pos)
-        total = (ce + w * kl).sum()
+            ref_hidden = self.reference.live_hidden(model, batch, pos)
+
+            def fn(logits, s, e):
+                logp = torch.log_softmax(logits, dim=-1)
+                ref_logp = torch.log_softmax(self.reference.head_logits(model, ref_hidden[s:e]), dim=-1)
+                ce = -logp.gather(-1, targets[s:e, None]).squeeze(-1)
+                kl = losses.kl_full(logp, ref_logp, p.direction)
+                return (ce + w * kl).sum(), {"ce": ce.sum().detach(), "kl": kl.sum().detach()}
+
+        total, stats = losses.chunked_loss(model, hidden, fn)
         n = max(pos.n, 1)
-        return LossOutput(total, pos.n, {"ce": ce.sum().item() / n, "kl": kl.sum().item() / n, "kl_weight": w})
+        return LossOutput(total, pos.n, {"ce": stats.get("ce", 0.0) / n, "kl": stats.get("kl", 0.0) / n, "kl_weight": w})

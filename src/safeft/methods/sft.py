@@ -16,6 +16,12 @@ class SFT(Method):
     paper = "-"
 
     def compute_loss(self, model, batch, trainer) -> LossOutput:
-        logits, pos = losses.response_logits(model, batch)
-        ce = F.cross_entropy(logits, pos.targets, reduction="sum")
-        return LossOutput(ce, pos.n, {"ce": ce.item() / max(pos.n, 1)})
+        hidden, pos = losses.position_hidden(model, batch)
+        targets = pos.targets
+
+        def fn(logits, s, e):
+            ce = F.cross_entropy(logits, targets[s:e], reduction="sum")
+            return ce, {"ce": ce.detach()}
+
+        total, stats = losses.chunked_loss(model, hidden, fn)
+        return LossOutput(total, pos.n, {"ce": stats.get("ce", 0.0) / max(pos.n, 1)})
