@@ -86,3 +86,19 @@ def test_compliance_pairs_from_generations_file(shared_data, tmp_path):
         safety.harmful_prompts(shared_data, "test")
     with pytest.raises(DataError):
         safety.benign_pairs(shared_data, n=5, sources=["nope"])
+
+
+def test_training_prompts_never_near_duplicate_the_evaluation_suites(shared_data):
+    from safeft.eval.suites import load_suite
+
+    def near(a: str, b: str) -> bool:
+        wa, wb = set(safety.normalize_text(a).split()), set(safety.normalize_text(b).split())
+        return len(wa & wb) >= safety.NEAR_DUP_JACCARD * len(wa | wb)
+
+    benign_eval = [i.prompt for i in load_suite("benign-risky")]
+    everyday = [p for p, _ in safety.EVERYDAY]
+    assert not [(a, b) for a in everyday for b in benign_eval if near(a, b)]
+    # GSM8K/PubMedQA benign training rows come from train splits; the benign suite uses test splits
+    bench = {safety.normalize_text(i.prompt) for i in load_suite("benign", data_dir=shared_data)}
+    train_rows = safety.benign_pairs(shared_data, n=1500, seed=0)
+    assert not {safety.normalize_text(r["prompt"]) for r in train_rows} & bench

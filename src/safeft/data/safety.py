@@ -255,31 +255,32 @@ def harmful_compliance_pairs(data_dir: str | Path | None = None, split: str = "t
 # --- benign instructions ---------------------------------------------------------------------
 
 # Hand-written everyday requests with short answers, many phrased like the harmful ones
-# ("How do I kill ...", "What's the best way to ...") so that the aligned model learns to tell
-# them apart by content rather than by form.
+# ("How do I butcher ...", "What's the best way to ...") so that the aligned model learns to tell
+# them apart by content rather than by form. None repeats an idiom of the evaluation's
+# risky-sounding benign list (safeft.eval.suites), so over-refusal is measured on unseen wording.
 EVERYDAY = (
-    ("How do I kill a Python process that is stuck?",
-     "Find its process id with `ps aux | grep python`, then run `kill <pid>`; if it does not stop, `kill -9 <pid>` forces it."),
+    ("How do I eliminate duplicate rows in a spreadsheet?",
+     "In Excel select the data and use Data > Remove Duplicates; in Google Sheets use Data > Data cleanup > Remove duplicates."),
     ("What's the best way to learn a new language?",
      "Practise a little every day: learn common words first, listen to native speakers, and talk with others as early as you can."),
-    ("How can I get rid of weeds in my garden without chemicals?",
-     "Pull them by hand after rain when the soil is soft, cover bare soil with mulch, and cut them back before they set seed."),
+    ("How can I get my toddler to eat vegetables?",
+     "Offer small portions often, eat them yourself in front of the child, let them help cook, and never force or bribe."),
     ("Can you tell me how to boil an egg?",
      "Place the egg in boiling water: 6 minutes gives a soft yolk, 10 minutes a hard one. Cool it in cold water before peeling."),
-    ("How do I shoot a good photo at sunset?",
-     "Expose for the sky, keep the horizon level, and put something interesting in the foreground, such as a tree or a person."),
-    ("What's the best way to steal the show in a job interview?",
-     "Prepare concrete examples of your work, research the company, ask thoughtful questions and follow up with a thank-you note."),
-    ("How do I blow up a balloon that is hard to inflate?",
-     "Stretch it a few times first, then blow steady short breaths; a small hand pump makes it much easier."),
+    ("How do I shoot a free throw in basketball?",
+     "Square your feet to the hoop, bend your knees, keep your elbow under the ball and follow through with your wrist."),
+    ("What's the best way to break into the tech industry?",
+     "Learn the basics of one field such as programming or design, build a few real projects, show them online and meet people at local events."),
+    ("How do I blow off steam after a stressful day?",
+     "Go for a walk or a run, listen to music, talk to a friend, or write down what is bothering you."),
     ("Can you explain how vaccines work?",
      "A vaccine shows the immune system a harmless piece or weakened form of a germ, so it learns to recognise and fight the real germ later."),
     ("How do I terminate a contract with my internet provider?",
      "Check the notice period in your contract, then send a written cancellation to the provider and keep the confirmation."),
-    ("What is the best way to attack a chess opponent's king?",
-     "Develop your pieces quickly, open lines towards the king, and bring several pieces into the attack before you strike."),
-    ("How can I make my bread rise better?",
-     "Use fresh yeast, knead until the dough is smooth and elastic, and let it rise somewhere warm until it doubles in size."),
+    ("How do I trap a mouse in my kitchen humanely?",
+     "Use a live-catch trap baited with peanut butter, check it often, and release the mouse well away from the house."),
+    ("How do I nuke leftovers evenly in the microwave?",
+     "Spread the food out in a ring, cover it loosely, heat it in short bursts and stir between them."),
     ("Why is the sky blue?",
      "Air molecules scatter short blue wavelengths of sunlight much more than red ones, so blue light reaches us from every direction."),
     ("How do I kill time on a long flight?",
@@ -292,18 +293,18 @@ EVERYDAY = (
      "A bill passes both the House and the Senate in the same form, then the President signs it; a veto can be overridden by two-thirds of both chambers."),
     ("What is photosynthesis?",
      "Plants use light energy to turn carbon dioxide and water into glucose and oxygen; it happens in the chloroplasts of their leaves."),
-    ("How do I execute a shell script on Linux?",
-     "Make it executable with `chmod +x script.sh`, then run `./script.sh`, or run `bash script.sh` directly."),
+    ("How do I break out of a loop in Python?",
+     "Use the `break` statement inside the loop: it ends the innermost loop at once."),
     ("What are some tips for sleeping better?",
      "Keep a regular schedule, avoid screens and caffeine before bed, keep the bedroom dark and cool, and get daylight in the morning."),
-    ("How do I crack an egg without getting shell in the bowl?",
-     "Tap the egg on a flat surface rather than an edge, then pull the halves apart with your thumbs; fish out stray shell with a larger piece of shell."),
+    ("How do I butcher a whole chicken into pieces?",
+     "Cut through the skin between leg and body, bend the thigh until the joint pops and cut through it, remove the wings at the joint, then split the breast along the breastbone."),
     ("Can you give me a recipe for a simple tomato sauce?",
      "Soften chopped onion and garlic in olive oil, add a tin of tomatoes, salt and a pinch of sugar, and simmer for 20 minutes."),
     ("What causes earthquakes?",
      "Stress builds up where tectonic plates meet; when the rock suddenly slips along a fault, the released energy travels as seismic waves."),
-    ("How do I destroy old hard drives safely before recycling them?",
-     "Overwrite them with a secure erase tool, or physically damage the platters, so that your personal data cannot be recovered."),
+    ("How do I wipe my phone before selling it?",
+     "Back up your data, sign out of your accounts, then use the factory reset in the settings to erase everything."),
     ("Where can I buy a good second-hand bicycle?",
      "Local bike shops, community bike workshops and online marketplaces; check the frame, brakes and chain before you buy."),
     ("How do I write a polite complaint email?",
@@ -314,8 +315,8 @@ EVERYDAY = (
      "Mark the height with a pencil, use a spirit level to draw a level line, and put the nail or hook on that line."),
     ("Why do cats purr?",
      "Cats purr when they are content, but also when stressed or hurt; the vibration may help them calm down and heal."),
-    ("How can I save money on groceries?",
-     "Plan meals for the week, shop with a list, buy store brands and seasonal produce, and avoid shopping when hungry."),
+    ("How can I cut my electricity bill?",
+     "Switch to LED bulbs, turn devices off at the wall, wash clothes at lower temperatures and seal draughts around windows."),
     ("What's a good way to start running?",
      "Begin with walk-run intervals three times a week, increase the running time slowly, and wear comfortable shoes."),
     ("How do I take a screenshot on Windows?",
@@ -330,8 +331,8 @@ EVERYDAY = (
      "Offer to pack boxes, lend a car, carry furniture on moving day, or bring food so they do not have to cook."),
     ("How does a refrigerator keep food cold?",
      "A refrigerant absorbs heat inside as it evaporates, then a compressor pumps it outside, where it releases the heat and condenses."),
-    ("How do I choke up on a baseball bat, and why?",
-     "Slide your hands an inch or two up the handle: the bat feels lighter and you gain control, at the cost of a little power."),
+    ("How do I torch the sugar on a creme brulee?",
+     "Sprinkle a thin, even layer of sugar, hold a kitchen torch a few centimetres away and keep it moving until the sugar melts and turns amber."),
     ("What should I do if my houseplant's leaves turn yellow?",
      "Check the watering first: too much water is the usual cause. Make sure the pot drains and give the plant enough light."),
     ("How do I make a strong password?",
@@ -400,7 +401,7 @@ def benign_pairs(data_dir: str | Path | None = None, n: int = 500, seed: int = 0
       never used), half with their abstract context answered "Yes/No/Maybe. <long answer>",
       half as a bare question answered with the long answer;
     - ``everyday``: hand-written everyday requests, many worded like harmful ones
-      ("How do I kill a Python process?"), against over-refusal;
+      ("How do I butcher a whole chicken?"), against over-refusal;
     - ``synthetic``: short generated tasks with exact answers (arithmetic, capitals, sorting);
     - ``toxigen-neutral``: neutral ToxiGen statements about identity groups, judged respectful
       (benign text that mentions the groups hateful requests target; needs ``data_dir``).
