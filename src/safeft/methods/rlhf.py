@@ -1,0 +1,115 @@
+"""RLHF with PPO (Ziegler et al. 2019), the baseline of RA-RLHF (Chaudhary et al. 2024, eq. 1).
+
+Maximises E[Σ_t γ^t (r(s_t, a_t) − β log π_θ(a_t|s_t)/π_ref(a_t|s_t))] over prompts from
+``data.train`` (a ``prompt`` column, or plain text lines used as continuation prefixes,
+e.g. RealToxicityPrompts). The loop, the value head, the adaptive KL coefficient and the
+clipped losses are in :mod:`safeft.rl.ppo`; the reward is any spec of
+:mod:`safeft.rl.rewards` (offline default: minus the toxicity logit of the response).
+
+Iterations M = ``training.max_steps`` when set, else ⌈epochs · #prompts / B⌉. Each
+iteration takes the next B prompts of a seeded shuffle (cycling). Writes
+``model/`` (the policy; ``value_head.safetensors`` beside it), ``metrics.jsonl`` (one record
+per iteration) and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+
+from safetensors.torch import save_file
+
+from ..data import load_rows
+from ..engine.run import append_jsonl, atomic_write_text
+from ..errors import ConfigError, DataError
+from ..models import save_model
+from ..rl.ppo import PPOParams, PPOTrainer
+from ..rl.rewards import get_reward
+from . import register
+from .base import Method
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(cfg) -> list[str]:
+    """Prompts of ``data.train``: its prompt column, else its text column (continuation)."""
+    spec = cfg.data.train
+    if spec is None:
+        raise ConfigError("RL methods need prompts: set data.train.path (or pass --data)", field="data.train")
+    rows = load_rows(spec, cfg.data.data_dir)
+    field = spec.prompt_field if spec.prompt_field in rows[0] else spec.text_field
+    if field not in rows[0]:
+        raise DataError(
+            f"no {spec.prompt_field!r} or {spec.text_field!r} column for prompts; columns found: "
+            f"{', '.join(sorted(rows[0]))}",
+            field="data.train.prompt_field",
+        )
+    prompts = [str(r[field]).strip() for r in rows if str(r.get(field) or "").strip()]
+    if not prompts:
+        raise DataError(f"{spec.path}: no non-empty prompt", field="data.train")
+    return prompts
+
+
+@register
+class RLHF(Method):
+    name = "rlhf"
+    summary = "PPO on a scalar reward with a per-token KL penalty to the starting model (adaptive β)"
+    paper = "Ziegler et al., Fine-Tuning LMs from Human Preferences (2019); as in Chaudhary et al. 2024 (RA-RLHF), eq. 1"
+    Params = PPOParams
+    tail_by = "return"
+
+    def keep(self, step: int, total: int, batch: int) -> int:
+        """Episodes the update uses at 0-based ``step``: all of them for plain PPO."""
+        return batch
+
+    def iterations(self, n_prompts: int) -> int:
+        t = self.run.cfg.training
+        if t.max_steps > 0:
+            return t.max_steps
+        return max(1, math.ceil(t.num_train_epochs * n_prompts / self.params.batch_size))
+
+    def make_trainer(self, reward) -> PPOTrainer:
+        t = self.run.cfg.training
+        return PPOTrainer(
+            self.run.model, self.run.tokenizer, reward, self.params, learning_rate=t.learning_rate,
+            max_grad_norm=t.max_grad_norm, seed=t.seed, tail_by=getattr(self.params, "tail_by", self.tail_by),
+        )
+
+    def train(self) -> dict:
+        run, p = self.run, self.params
+        if run.cfg.resume:
+            raise ConfigError(f"{self.name} cannot resume yet; start a new run", field="resume")
+        prompts = load_prompts(run.cfg)
+        reward = get_reward(p.reward, **p.reward_options)
+        trainer = self.make_trainer(reward)
+        total = self.iterations(len(prompts))
+        rng = random.Random(run.cfg.training.seed)
+        order: list[int] = []
+        stats: dict = {}
+        metrics = run.output_dir / "metrics.jsonl"
+        for step in range(total):
+            while len(order) < p.batch_size:
+                fresh = list(range(len(prompts)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            batch, order = [prompts[i] for i in order[: p.batch_size]], order[p.batch_size :]
+            stats = trainer.step(batch, keep=self.keep(step, total, p.batch_size))
+            append_jsonl(metrics, {"step": step + 1, **stats})
+            log.info("%s iteration %d/%d: reward %.3f, kl %.3f, kept %d, %.1fs", self.name, step + 1, total,
+                     stats["reward_mean"], stats["kl"], stats["kept"], stats["iter_s"])
+        out = save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.value_head.state_dict().items()},
+                  str(out / "value_head.safetensors"))
+        summary = {
+            "method": self.name,
+            "global_step": total,
+            "train_loss": stats.get("pg_loss", 0.0) + p.vf_coef * stats.get("vf_loss", 0.0),
+            "final_reward_mean": stats.get("reward_mean"),
+            "final_kl": stats.get("kl"),
+            "final_kl_coef": trainer.kl_ctl.value,
+            "n_prompts": len(prompts),
+        }
+        atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,1 @@
+"""Reinforcement-learning fine-tuning: rewards, a compact PPO, and the risk-averse (CVaR) filter."""
