@@ -93,6 +93,15 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .eval.report import build_report, load_runs, text_table
+
+    path = build_report(args.run_dirs, args.out, samples=args.samples)
+    print(text_table(load_runs(args.run_dirs)))
+    print(f"report -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safeft", description="Safety-preserving fine-tuning and evaluation of LLMs.")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -106,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods and their papers")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("report", help="compare runs: results table with CIs, safety-vs-utility plot, "
+                                      "per-epoch curves, sample generations")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a training run or 'safeft eval' output directory")
+    p.add_argument("--out", "-o", default="report.html",
+                   help="report.html (one self-contained file) or report.md (PNGs written beside it)")
+    p.add_argument("--samples", type=int, default=3, help="sample generations shown per suite (default 3)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
