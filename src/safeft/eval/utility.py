@@ -1,0 +1,217 @@
+"""Utility: what the fine-tune was for, measured next to safety.
+
+- ``perplexity``: token-weighted perplexity, exp(sum NLL / sum tokens), on held-out domain
+  text (PubMedQA test-split abstracts + long answers by default, or any texts passed in);
+  CI by bootstrap over documents.
+- ``pubmedqa``: PubMedQA PQA-L test questions (Jin et al. 2019), in the chat format safeft
+  trains on (:func:`safeft.data.readers.pubmedqa_prompt`). ``pubmedqa_acc_loglik``: the
+  answer is the option (Yes / No / Maybe, as the assistant's first word) with the highest
+  log-likelihood; ``pubmedqa_acc_gen``: greedy generation, the first yes/no/maybe word is the
+  answer (none found = wrong).
+- ``gsm8k``: GSM8K test exact match (Cobbe et al. 2021): the number after ``####`` in the
+  answer, else the last number in it, compared with the reference as a number.
+- lm-evaluation-harness tasks (MMLU, ...): only when ``lm_eval`` is installed
+  (:func:`lm_eval_available`); this module does not call it otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from ..data.readers import PUBMEDQA_HUB, GSM8K_HUB, gsm8k_answer, pubmedqa_prompt, read_gsm8k, read_pubmedqa
+from ..errors import ConfigError, DataError
+from ..models import unwrap
+from .generate import format_prompts, generate
+from .metrics import bootstrap_ratio, wilson
+
+log = logging.getLogger(__name__)
+
+UTILITY_TASKS = ("perplexity", "pubmedqa", "gsm8k")
+PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
+
+
+def lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def _sample(rows: list, n: int | None, seed: int) -> list:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in (order[:n] if n else order)]
+
+
+def _pubmedqa_rows(data_dir) -> list[dict]:
+    if data_dir is not None:
+        return read_pubmedqa(Path(data_dir) / "pubmedqa", "test")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(*PUBMEDQA_HUB, split="train")
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot load PubMedQA from the hub ({str(e).splitlines()[0]}); pass --data-dir",
+                        field="utility") from None
+    return [{"question": r["question"], "contexts": list(r["context"]["contexts"]), "label": r["final_decision"],
+             "prompt": pubmedqa_prompt(r["question"], r["context"]["contexts"]),
+             "text": " ".join(r["context"]["contexts"]) + " " + r["long_answer"]} for r in ds]
+
+
+def _gsm8k_rows(data_dir) -> list[dict]:
+    if data_dir is not None:
+        return read_gsm8k(Path(data_dir) / "gsm8k", "test")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(*GSM8K_HUB, split="test")
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot load GSM8K from the hub ({str(e).splitlines()[0]}); pass --data-dir",
+                        field="utility") from None
+    return [{"question": r["question"], "prompt": r["question"], "answer": gsm8k_answer(r["answer"])} for r in ds]
+
+
+@torch.no_grad()
+def sequence_nll(model, tokenizer, texts: list[str], *, max_length: int = 512, batch_size: int = 8,
+                 prefix_lens: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """Per text: summed next-token NLL and the number of scored tokens. ``prefix_lens[i]``
+    tokens at the start of text i are context only (not scored)."""
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    nll, count = [0.0] * len(texts), [0] * len(texts)
+    was = inner.training
+    inner.eval()
+    try:
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = max(len(enc[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(idx):  # right-padded: positions need no correction
+                ids[r, :len(enc[i])] = torch.tensor(enc[i])
+                mask[r, :len(enc[i])] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = inner(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for r, i in enumerate(idx):
+                first_scored = max(1, prefix_lens[i] if prefix_lens else 1)
+                # logits position t predicts token t+1
+                sel = lp[r, first_scored - 1:len(enc[i]) - 1]
+                nll[i] = float(-sel.sum())
+                count[i] = int(sel.numel())
+    finally:
+        inner.train(was)
+    return nll, count
+
+
+def perplexity(model, tokenizer, texts: list[str], *, max_length: int = 512, batch_size: int = 8,
+               seed: int = 0) -> dict:
+    """Token-weighted perplexity with a bootstrap CI over documents."""
+    import numpy as np
+
+    nll, count = sequence_nll(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    return bootstrap_ratio(nll, count, seed=seed, transform=np.exp)
+
+
+def _assistant_prefix(tokenizer, prompt: str) -> str:
+    return format_prompts(tokenizer, [prompt], chat=True)[0]
+
+
+def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
+                    max_length: int = 1024) -> tuple[dict, list[dict]]:
+    """Accuracy of argmax over options of log P(option | prompt) (options as the assistant's
+    first word, capitalised as in safeft's training format)."""
+    texts, prefix_lens = [], []
+    for r in rows:
+        prefix = _assistant_prefix(tokenizer, r["prompt"])
+        plen = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        for opt in PUBMEDQA_OPTIONS:
+            texts.append(prefix + opt.capitalize())
+            prefix_lens.append(plen)
+    nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
+                          max_length=max_length)
+    details, correct = [], 0
+    for i, r in enumerate(rows):
+        scores = [-nll[3 * i + j] for j in range(3)]
+        pred = PUBMEDQA_OPTIONS[max(range(3), key=lambda j: scores[j])]
+        correct += pred == r["label"]
+        details.append({"question": r["question"], "label": r["label"], "pred": pred,
+                        "loglik": dict(zip(PUBMEDQA_OPTIONS, scores))})
+    return wilson(correct, len(rows)), details
+
+
+def parse_pubmedqa(text: str) -> str | None:
+    m = re.search(r"\b(yes|no|maybe)\b", text.lower())
+    return m.group(1) if m else None
+
+
+def parse_number(text: str) -> str | None:
+    """The answer after ``####`` if present, else the last number; commas and a trailing
+    ``.`` removed."""
+    tail = text.split("####")[-1] if "####" in text else text
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail)
+    if not nums:
+        return None
+    pick = nums[0] if "####" in text else nums[-1]
+    return pick.replace(",", "").rstrip(".")
+
+
+def same_number(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+def run_utility(model, tokenizer, tasks: list[str], *, data_dir=None, n: int | None = None, seed: int = 0,
+                batch_size: int = 8, out_dir: str | Path | None = None, ppl_texts: list[str] | None = None,
+                gen_max_new_tokens: int = 16, gsm8k_max_new_tokens: int = 256) -> dict:
+    """The utility metrics of ``tasks`` (see the module doc), each ``{"value","lo","hi","n"}``.
+    Per-item details go to ``out_dir/utility/<task>.jsonl``."""
+    unknown = [t for t in tasks if t not in UTILITY_TASKS]
+    if unknown:
+        hint = " (lm-evaluation-harness is not installed)" if not lm_eval_available() else ""
+        raise ConfigError(f"unknown utility task {unknown[0]!r}; available: {', '.join(UTILITY_TASKS)}{hint}",
+                          field="utility")
+    out: dict[str, dict] = {}
+    details: dict[str, list[dict]] = {}
+    if "perplexity" in tasks:
+        texts = ppl_texts or [r["text"] for r in _sample(_pubmedqa_rows(data_dir), n, seed)]
+        out["perplexity"] = perplexity(model, tokenizer, texts, batch_size=batch_size, seed=seed)
+    if "pubmedqa" in tasks:
+        rows = _sample(_pubmedqa_rows(data_dir), n, seed)
+        out["pubmedqa_acc_loglik"], details["pubmedqa_loglik"] = pubmedqa_loglik(model, tokenizer, rows,
+                                                                                 batch_size=batch_size)
+        gens = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=gen_max_new_tokens,
+                        batch_size=batch_size, seed=seed)
+        preds = [parse_pubmedqa(g) for g in gens]
+        out["pubmedqa_acc_gen"] = wilson(sum(p == r["label"] for p, r in zip(preds, rows)), len(rows))
+        details["pubmedqa_gen"] = [{"question": r["question"], "label": r["label"], "response": g, "pred": p}
+                                   for r, g, p in zip(rows, gens, preds)]
+    if "gsm8k" in tasks:
+        rows = _sample(_gsm8k_rows(data_dir), n, seed)
+        gens = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=gsm8k_max_new_tokens,
+                        batch_size=batch_size, seed=seed)
+        preds = [parse_number(g) for g in gens]
+        out["gsm8k_em"] = wilson(sum(same_number(p, r["answer"]) for p, r in zip(preds, rows)), len(rows))
+        details["gsm8k"] = [{"question": r["question"], "answer": r["answer"], "response": g, "pred": p}
+                            for r, g, p in zip(rows, gens, preds)]
+    if out_dir is not None and details:
+        d = Path(out_dir) / "utility"
+        d.mkdir(parents=True, exist_ok=True)
+        for task, rows in details.items():
+            (d / f"{task}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return out
+
+
+__all__ = ["UTILITY_TASKS", "lm_eval_available", "parse_number", "parse_pubmedqa", "perplexity",
+           "pubmedqa_loglik", "run_utility", "same_number", "sequence_nll"]
