@@ -525,8 +525,9 @@ def _scatter_panels(runs: list[RunData]):
 def _curve_panels(runs: list[RunData]):
     from .plots import CurvePanel
 
+    kinds = suite_kinds(runs)
     keys = sorted({k for r in runs for k in r.curves},
-                  key=lambda k: (KIND_ORDER.get(suite_kinds(runs).get(k[0]) or "", 9), k[0],
+                  key=lambda k: (KIND_ORDER.get(kinds.get(k[0]) or "", 9), k[0],
                                  _metric_rank(k[1], SUITE_METRIC_ORDER + UTILITY_ORDER)))
     panels = []
     if any(r.loss for r in runs):
@@ -549,9 +550,10 @@ class Figures:
 
 
 def make_figures(runs: list[RunData]) -> Figures:
-    from .plots import curves_png, scatter_png
+    from .plots import curves_png, run_styles, scatter_png
 
     labels = [r.label for r in runs]
+    styles = run_styles(labels, [r.method or r.label for r in runs])
     panels = _scatter_panels(runs)
     if panels:
         plotted = {p.label for panel in panels for p in panel.points}
@@ -559,7 +561,7 @@ def make_figures(runs: list[RunData]) -> Figures:
         cap = ("Safety (x) against utility (y), one point per run; bars are 95% intervals.")
         if missing:
             cap += " Not plotted (a number is missing): " + ", ".join(missing) + "."
-        scatter = scatter_png(panels, labels)
+        scatter = scatter_png(panels, labels, styles)
     else:
         scatter, cap = None, "No run has both a safety and a utility number; nothing to plot."
     cpanels, dropped = _curve_panels(runs)
@@ -567,7 +569,7 @@ def make_figures(runs: list[RunData]) -> Figures:
         ccap = "Training loss and the epoch-end evaluation records of metrics.jsonl, by epoch."
         if dropped:
             ccap += f" {dropped} more metric(s) not drawn."
-        curves = curves_png(cpanels, labels)
+        curves = curves_png(cpanels, labels, styles)
     else:
         curves, ccap = None, "No run has per-epoch records (metrics.jsonl); nothing to plot."
     return Figures(scatter, cap, curves, ccap)
