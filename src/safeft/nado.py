@@ -41,8 +41,8 @@ The projection (posterior regularization's E-step)
 from __future__ import annotations
 
 import json
-import logging
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +54,6 @@ from torch import nn
 from . import losses
 from .errors import ConfigError
 from .models import unwrap
-
-log = logging.getLogger(__name__)
 
 TOXIC_THRESHOLD = 0.5
 
@@ -233,12 +231,7 @@ def sample_completions(
 
 def toxicity_scorer():
     """texts -> toxicity scores in [0, 1] from the evaluation framework's ``toxicity`` judge."""
-    try:
-        from .eval.judges import get_judge
-    except ImportError:  # the evaluation framework is optional here: same classifier, called directly
-        from profanity_check import predict_prob
-
-        return lambda texts: [float(x) for x in predict_prob(list(texts))] if texts else []
+    from .eval.judges import get_judge
 
     judge = get_judge("toxicity")
 
@@ -364,15 +357,26 @@ class NadoLogitsProcessor:
         cm.check_compatible(model)
         self.cm, self.top_k, self.alpha = cm, top_k, alpha
         self.emb = output_embeddings(model)
-        self._last: torch.Tensor | None = None
-        norm = _final_norm(model)
-        self._handle = norm.register_forward_hook(self._keep)
+        state: dict = {}
+        self._state = state
 
-    def _keep(self, module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        self._last = hidden[:, -1].detach()
+        def keep(module, args, output):  # a closure over `state`, not `self`: the hook never pins the processor
+            hidden = output[0] if isinstance(output, tuple) else output
+            state["last"] = hidden[:, -1].detach()
+
+        self._handle = _final_norm(model).register_forward_hook(keep)
+        weakref.finalize(self, self._handle.remove)
+
+    @property
+    def _last(self) -> torch.Tensor | None:
+        return self._state.get("last")
+
+    @_last.setter
+    def _last(self, value: torch.Tensor) -> None:
+        self._state["last"] = value
 
     def close(self) -> None:
+        """Remove the hook now (it is also removed when the processor is garbage-collected)."""
         self._handle.remove()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

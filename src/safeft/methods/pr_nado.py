@@ -33,7 +33,6 @@ schedule run through all of them, as in plain fine-tuning):
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import multiprocessing as mp
@@ -53,12 +52,13 @@ from transformers import TrainerCallback
 from .. import losses, nado
 from ..engine.reference import Reference
 from ..engine.run import atomic_write_text
+from ..eval.decoding import register_decoding
 from ..errors import ConfigError
 from ..models import unwrap
 from . import register
 from .base import LossOutput, Method
 
-log = logging.getLogger(__name__)
+register_decoding("nado", nado.nado_decoding)  # safeft eval --decoding nado:RUN/nado[,top_k=K][,alpha=A]
 
 
 class PRNadoParams(BaseModel):
@@ -217,7 +217,9 @@ class PRNado(Method):
             self._cm = nado.ConstraintModel.for_model(self.run.model, self.params.r_inner)
             self._scorer = nado.toxicity_scorer()
             return
-        ctx = mp.get_context("spawn")
+        # fork where the platform has it: the worker starts without re-importing torch (seconds
+        # instead of tens of seconds); it loads its own copy of the model either way
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self._jobs, self._results = ctx.Queue(), ctx.Queue()
         opts = {**self._round_opts(), "inner": self.params.r_inner}
         self._proc = ctx.Process(
