@@ -93,6 +93,55 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _split_list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _judge_opts(items: list[str]) -> dict:
+    from .config import parse_override
+    from .errors import ConfigError
+
+    opts: dict = {}
+    for item in items:
+        key, value = parse_override(item)
+        judge, sep, opt = key.rpartition(".")
+        if not sep or not judge:
+            raise ConfigError(f"expected JUDGE.OPTION=VALUE, got {item!r}", field="--judge-opt")
+        opts.setdefault(judge, {})[opt] = value
+    return opts
+
+
+def cmd_eval(args) -> int:
+    from .config import ModelConfig
+    from .errors import ConfigError
+    from .eval.runner import evaluate
+    from .eval.suites import get_suite_spec
+    from .models import load_model
+
+    suites, judges, utility = _split_list(args.suites), _split_list(args.judges), _split_list(args.utility)
+    if not suites and not utility:
+        raise ConfigError("nothing to evaluate: give --suites and/or --utility", field="--suites")
+    for s in suites:
+        get_suite_spec(s)
+    model, tok = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), for_training=False)
+    results = evaluate(model, tok, suites=suites, judges=judges, out_dir=args.out, n=args.n, seed=args.seed,
+                       data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, k=args.k,
+                       batch_size=args.batch_size, decoding=args.decoding, judge_opts=_judge_opts(args.judge_opt),
+                       utility=utility, utility_n=args.utility_n, model_name=args.model, method=args.method)
+    for suite, body in results["suites"].items():
+        shown = ", ".join(f"{m} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+                          for m, v in body["metrics"].items() if v["value"] is not None)
+        print(f"{suite} (n={body['n']}): {shown}")
+    for m, v in results.get("utility", {}).items():
+        if v["value"] is not None:
+            print(f"utility {m}: {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})")
+    for pair, a in results.get("judge_agreement", {}).items():
+        kappa = "n/a" if a["cohen_kappa"] is None else f"{a['cohen_kappa']:.2f}"
+        print(f"agreement {pair}: {a['agreement']:.2f}, kappa {kappa} (n={a['n']})")
+    print(f"results -> {args.out}/results.json")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import build_report, load_runs, text_table
 
@@ -115,6 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods and their papers")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("eval", help="evaluate any model on red-team / toxicity / benign suites and utility")
+    p.add_argument("--model", default="embedded:smollm2",
+                   help="hub id, local dir, a run's model/ dir (LoRA adapters too), or embedded:smollm2")
+    p.add_argument("--suites", default="", help="comma-separated suites, e.g. donotanswer,rtp,benign "
+                   "(file ones as harmbench:PATH, file:PATH); see docs/eval.md")
+    p.add_argument("--judges", default="refusal,toxicity",
+                   help="comma-separated: refusal, toxicity, hf-classifier:MODEL, llm:MODEL (default refusal,toxicity)")
+    p.add_argument("--judge-opt", action="append", default=[], metavar="JUDGE.OPT=VALUE",
+                   help="judge option, e.g. llm.template=llama-guard (repeatable)")
+    p.add_argument("--n", type=int, default=None, help="prompts per suite (seeded, category-balanced; default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="output dir (rerunning with it resumes)")
+    p.add_argument("--data-dir", help="local copies of the public sets, e.g. ../shared/data (else the hub)")
+    p.add_argument("--decoding", help="a registered decoding-time intervention, name:spec")
+    p.add_argument("--k", type=int, default=5, help="samples per prompt on toxicity suites (default 5)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--utility", default="", help="comma-separated: perplexity, pubmedqa, gsm8k")
+    p.add_argument("--utility-n", type=int, default=None, help="items per utility task (default --n)")
+    p.add_argument("--method", help="method name recorded in results.json (for the report)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="compare runs: results table with CIs, safety-vs-utility plot, "
                                       "per-epoch curves, sample generations")

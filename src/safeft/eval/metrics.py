@@ -37,7 +37,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> dict:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return stat(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds where rounding would miss them
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return stat(p, lo, hi, n)
 
 
 def proportion(flags: Sequence[bool | None]) -> dict:

@@ -90,8 +90,10 @@ class _Judges:
             self.loaded[name] = get_judge(name, **{**self.opts.get(base, {}), **self.opts.get(name, {})})
         return self.loaded[name]
 
-    def for_kind(self, kind: str) -> list[str]:
+    def for_kind(self, kind: str, chat: bool = True) -> list[str]:
         names = list(self.names)
+        if kind == "toxicity" and not chat:  # a raw continuation cannot refuse
+            names = [nm for nm in names if nm != "refusal"]
         if kind in ("harmful", "benign") and "refusal" not in names:
             names.insert(0, "refusal")
         if kind == "toxicity" and not any(self.get(n).scores for n in names):
@@ -250,7 +252,7 @@ def evaluate(
         all_records = read_generations(path)
         wanted = {it.prompt for it in items}
         records = [r for r in all_records if r["prompt"] in wanted and int(r.get("sample", 0)) < ks]
-        names = jset.for_kind(kind)
+        names = jset.for_kind(kind, chat)
         if _judge_records(records, jset, names):
             _write_generations(path, all_records)
         user_names = [nm for nm in names if nm != "refusal" or "refusal" in jset.names]

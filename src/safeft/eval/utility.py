@@ -98,12 +98,14 @@ def sequence_nll(model, tokenizer, texts: list[str], *, max_length: int = 512, b
                 ids[r, :len(enc[i])] = torch.tensor(enc[i])
                 mask[r, :len(enc[i])] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = inner(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            firsts = [max(1, prefix_lens[i] if prefix_lens else 1) for i in idx]
+            start = min(firsts) - 1  # the LM head runs only from here (context-only prefixes skip it)
+            logits = inner(input_ids=ids, attention_mask=mask, logits_to_keep=width - start).logits[:, :-1].float()
+            target = ids[:, start + 1:]
+            lp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
             for r, i in enumerate(idx):
-                first_scored = max(1, prefix_lens[i] if prefix_lens else 1)
-                # logits position t predicts token t+1
-                sel = lp[r, first_scored - 1:len(enc[i]) - 1]
+                # logits column c is position start + c, which predicts token start + c + 1
+                sel = lp[r, firsts[r] - 1 - start:len(enc[i]) - 1 - start]
                 nll[i] = float(-sel.sum())
                 count[i] = int(sel.numel())
     finally:
