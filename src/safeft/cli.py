@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import SafeftError
+from .safety_io import install_log_sanitizer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,8 +77,9 @@ def cmd_train(args) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg)
-    print(f"trained {summary['method']}: {summary['global_step']} steps, "
-          f"loss {summary['train_loss']:.4f} -> {cfg.output_dir}/model")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+        print(f"trained {summary['method']}: {summary['global_step']} steps, "
+              f"loss {summary['train_loss']:.4f} -> {cfg.output_dir}/model")
     return 0
 
 
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--num-processes", type=int, default=None,
                    help="launch this many processes through accelerate (same as 'accelerate launch')")
+    p.add_argument("--accelerate-config", default=None, metavar="FILE",
+                   help="accelerate config (e.g. configs/accelerate/fsdp.yaml); implies a relaunch")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("methods", help="list the registered methods and their papers")
@@ -198,33 +202,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _relaunch_with_accelerate(argv: list[str], n: int) -> int:
-    """``safeft train --num-processes N`` -> ``accelerate launch --num_processes N -m safeft train``."""
-    import subprocess
+def _launch_command(rest: list[str], n: int | None, config_file: str | None) -> list[str]:
+    """The ``accelerate launch`` command line for ``safeft train --num-processes N``.
 
-    rest = []
-    skip = False
-    for i, a in enumerate(argv):
+    Without CUDA, N processes go through accelerate's multi-process (torchrun) launcher with
+    the gloo backend: accelerate's ``--cpu`` alone would start one process (its multi-CPU
+    path needs mpirun), so ``--multi_gpu`` is what yields N CPU workers here.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if n is not None:
+        cmd += ["--num_processes", str(n)]
+    if config_file:
+        cmd += ["--config_file", config_file]
+    else:
+        cmd += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+        if n is not None and n > 1:
+            cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    return cmd + ["-m", "safeft", *rest]
+
+
+def _free_port() -> int:
+    """A free local TCP port, so two single-machine jobs never fight over torchrun's 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    rest, skip = [], False
+    for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--num-processes":
+        if a in ("--num-processes", "--accelerate-config"):
             skip = True
             continue
-        if a.startswith("--num-processes="):
+        if a.startswith(("--num-processes=", "--accelerate-config=")):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
-    if n > 1 and not _cuda():
-        cmd += ["--cpu"]
-    cmd += ["-m", "safeft", *rest]
-    return subprocess.call(cmd)
+    return rest
 
 
-def _cuda() -> bool:
-    import torch
+def _relaunch_with_accelerate(argv: list[str], n: int | None, config_file: str | None = None) -> int:
+    """Run ``accelerate launch ... -m safeft train`` and keep its failure output to one line.
 
-    return torch.cuda.is_available()
+    Workers' stderr is passed through as it comes. Once a worker has printed its one-line
+    ``safeft: error:`` (bad input, exit 2), what follows (the other ranks' copies of the same
+    line, the launcher's ChildFailedError traceback) is dropped and the exit code is 2. Any
+    other failure is passed through whole. Ctrl-C reaches the workers, which save a
+    checkpoint and print ``safeft: interrupted``; this process waits for them and exits 130.
+    """
+    import signal
+    import subprocess
+
+    cmd = _launch_command(_strip_launch_flags(argv), n, config_file)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        fd = proc.stderr.fileno()
+        out = sys.stderr.buffer
+        pending, done, user_error = b"", False, False
+        while chunk := os.read(fd, 65536):
+            if done:
+                continue
+            pending += chunk
+            cut = max(pending.rfind(b"\n"), pending.rfind(b"\r"))
+            if cut < 0:
+                continue
+            text, pending = pending[: cut + 1], pending[cut + 1:]
+            for marker in (b"safeft: error:", b"safeft: interrupted"):
+                at = text.find(marker)
+                if at >= 0:
+                    eol = text.find(b"\n", at)
+                    text, done = text[: eol + 1 if eol >= 0 else len(text)], True
+                    user_error = marker == b"safeft: error:"
+                    break
+            out.write(text)
+            out.flush()
+        if pending and not done:
+            out.write(pending)
+            out.flush()
+        rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if done and rc != 0:
+        return 2 if user_error else 130
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,9 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    install_log_sanitizer()
     n = getattr(args, "num_processes", None)
-    if n is not None and n > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch_with_accelerate(argv, n)
+    acc_cfg = getattr(args, "accelerate_config", None)
+    if (acc_cfg or (n is not None and n > 1)) and "LOCAL_RANK" not in os.environ:
+        try:
+            config_from_args(args)  # bad flags/config: one line here, before any worker starts
+        except SafeftError as e:
+            sys.stderr.write(f"safeft: error: {e}\n")
+            return e.exit_code
+        return _relaunch_with_accelerate(argv, n, acc_cfg)
     try:
         return args.func(args)
     except SafeftError as e:

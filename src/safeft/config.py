@@ -110,6 +110,12 @@ class TrainingConfig(_Strict):
     dataloader_num_workers: int = Field(0, ge=0)
     disable_tqdm: bool | None = None
 
+    @field_validator("save_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        """YAML 1.1 reads a bare ``no`` as false; ``save_strategy: no`` means "no"."""
+        return "no" if v is False else v
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:

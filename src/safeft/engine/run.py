@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,13 +21,43 @@ log = logging.getLogger(__name__)
 
 # What safeft itself writes into an output directory; --overwrite replaces only these.
 OWNED = ("checkpoints", "model", "metrics.jsonl", "config.yaml", "reference_cache.safetensors",
-         "train_summary.json", "epoch_eval")
+         "train_summary.json", "epoch_eval", "mix_report.json")
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to a unique temp file beside ``path``, fsync it, then rename over ``path``:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def process_state():
+    """accelerate's process state, initialised as the Trainer will (gloo on CPU-only hosts).
+
+    ``PartialState()`` without ``cpu=True`` on a machine with no GPU reports one process
+    even under ``accelerate launch``, and being a shared singleton would stay so.
+    """
+    import torch
+    from accelerate.state import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
@@ -82,12 +113,31 @@ def build_run(cfg: RunConfig, *, model=None, tokenizer=None) -> Run:
         model, tokenizer = load_model(cfg.model)
     train_ds = tokenize(cfg, cfg.data.train, tokenizer) if cfg.data.train else None
     eval_ds = tokenize(cfg, cfg.data.eval, tokenizer) if cfg.data.eval else None
-    out = prepare_output_dir(cfg)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    out = _prepare_output_dir_once(cfg)
     return Run(cfg, model, tokenizer, train_ds, eval_ds, out)
 
 
+def _prepare_output_dir_once(cfg: RunConfig) -> Path:
+    """Under N processes only the main one checks, clears and writes the output dir; the
+    others wait for it (else they would find the main process's config.yaml and refuse a
+    "non-empty" directory, or delete what it just wrote)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        out = prepare_output_dir(cfg)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        return out
+    state = process_state()
+    with state.main_process_first():
+        if state.is_main_process:
+            out = prepare_output_dir(cfg)
+            atomic_write_text(out / "config.yaml", dump_config(cfg))
+        else:
+            out = Path(cfg.output_dir)
+    return out
+
+
 def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as fh:
+    """Append one record as one ``write`` of one line; a kill mid-write can leave at most a
+    cut last line, which readers skip and a resumed run trims (see ``_trim_metrics``)."""
+    with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import signal
+import struct
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import Collator
 from ..models import save_model
-from .run import Run, append_jsonl, atomic_write_text
+from .run import Run, append_jsonl, atomic_write_text, process_state
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,136 @@ class MetricsCallback(TrainerCallback):
             append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop.
+
+    The handler only sets a flag; at the end of each optimizer step the flag is OR-reduced
+    across processes (a signal may reach the ranks a step apart, and a rank that stopped
+    alone would leave the others waiting in an all-reduce), then ``should_save`` and
+    ``should_training_stop`` are set together, so every rank saves the same step. A second
+    Ctrl-C aborts at once (the last completed checkpoint stays usable).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.flag = False
+        self.interrupted = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+        log.warning("%s received: saving a checkpoint after this step, then stopping "
+                    "(Ctrl-C again to abort now)", signal.Signals(signum).name)
+
+    def on_train_begin(self, args, state, control, **kw):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def on_train_end(self, args, state, control, **kw):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def _any_rank(self, args) -> bool:
+        if args.world_size <= 1 or not torch.distributed.is_initialized():
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=args.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._any_rank(args):
+            self.interrupted = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Check a safetensors file's header and that its size matches (catches truncation)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                return f"{path.name} is truncated"
+            (n,) = struct.unpack("<Q", head)
+            if n > path.stat().st_size - 8:
+                return f"{path.name} is truncated or unreadable (header of {n} bytes)"
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        return f"{path.name} is unreadable ({type(e).__name__})"
+    if path.stat().st_size != 8 + n + end:
+        return f"{path.name} is truncated ({path.stat().st_size} of {8 + n + end} bytes)"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a Trainer checkpoint directory cannot be resumed from, or None if it looks whole.
+
+    Checked without loading weights: ``trainer_state.json`` parses and names this step; a
+    weights file (full model or LoRA adapter) exists and every safetensors file's size
+    matches its header; every torch-saved state (optimizer, scheduler, RNG) is a complete zip.
+    """
+    state_file = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    m = _CKPT.match(ckpt.name)
+    if not isinstance(state, dict) or (m and state.get("global_step") != int(m.group(1))):
+        return "trainer_state.json does not match the checkpoint's step"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    for w in weights:
+        problem = _safetensors_problem(w)
+        if problem:
+            return problem
+    for f in [*ckpt.glob("*.pt"), *ckpt.glob("*.pth")]:
+        if not zipfile.is_zipfile(f):
+            return f"{f.name} is truncated or corrupt"
+    return None
+
+
+def last_good_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint in ``folder`` that passes :func:`checkpoint_problem`.
+
+    Newer, broken ones (a kill during a save, a full disk) are skipped with a warning naming
+    what is wrong; the main process renames them ``checkpoint-N.broken`` so the Trainer's
+    rotation and the next save of step N do not mix with their leftovers.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))),
+        reverse=True,
+    )
+    main = process_state().is_main_process
+    for _, ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        log.warning("checkpoint %s is incomplete or corrupt (%s); falling back to the previous one",
+                    ckpt, problem)
+        if main:
+            try:
+                ckpt.rename(ckpt.with_name(ckpt.name + ".broken"))
+            except OSError:
+                pass
+    return None
+
+
 class SafeftTrainer(Trainer):
     """The Trainer, with the loss supplied by a :class:`safeft.methods.Method`."""
 
@@ -71,10 +205,19 @@ class SafeftTrainer(Trainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
-        if self._method_logs and "loss" in logs:
-            for k, vals in self._method_logs.items():
-                logs[k] = sum(vals) / len(vals)
+        if "loss" in logs and (self._method_logs or self.accelerator.num_processes > 1):
+            local = {k: sum(v) / len(v) for k, v in self._method_logs.items() if v}
             self._method_logs.clear()
+            if self.accelerator.num_processes > 1:
+                # every rank logs here; report the mean over ranks, not rank 0's shard alone
+                from accelerate.utils import gather_object
+
+                merged: dict[str, list[float]] = defaultdict(list)
+                for part in gather_object([local]):
+                    for k, v in part.items():
+                        merged[k].append(v)
+                local = {k: sum(v) / len(v) for k, v in merged.items()}
+            logs.update(local)
         super().log(logs, *args, **kwargs)
 
     @property
@@ -84,10 +227,18 @@ class SafeftTrainer(Trainer):
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop records a killed run logged after its last checkpoint."""
+    """On resume, drop records a killed run logged after its last checkpoint (and a last
+    line the kill cut in half), so the resumed run's records follow on without duplicates."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= upto_step:
+            keep.append(ln)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
@@ -113,17 +264,28 @@ def build_trainer(run: Run, method, callbacks=(), **arg_overrides) -> SafeftTrai
 
 def fit(run: Run, method, callbacks=()) -> dict:
     """Train with ``method``'s loss; returns the summary also written to train_summary.json."""
-    trainer = build_trainer(run, method, callbacks)
+    interrupt = InterruptCallback()
+    trainer = build_trainer(run, method, [*callbacks, interrupt])
     resume_from = None
     if run.cfg.resume:
-        resume_from = get_last_checkpoint(str(run.output_dir / "checkpoints"))
+        resume_from = last_good_checkpoint(run.output_dir / "checkpoints")
         if resume_from:
             state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-            _trim_metrics(run.output_dir / "metrics.jsonl", state["global_step"])
+            if trainer.is_world_process_zero():
+                _trim_metrics(run.output_dir / "metrics.jsonl", state["global_step"])
             log.info("resuming from %s", resume_from)
+        else:
+            log.info("no usable checkpoint in %s; starting from the beginning", run.output_dir / "checkpoints")
     method.prepare(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
+    if interrupt.interrupted:
+        ckpt = last_good_checkpoint(run.output_dir / "checkpoints")
+        log.warning("stopped at step %d; checkpoint %s; continue with --resume (same output dir)",
+                    trainer.state.global_step, ckpt)
+        raise KeyboardInterrupt
+    if trainer.is_world_process_zero():
+        save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
+    trainer.accelerator.wait_for_everyone()
     summary = {
         "method": method.name,
         "global_step": trainer.state.global_step,
