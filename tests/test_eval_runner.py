@@ -52,7 +52,7 @@ def test_outputs_shape_and_metrics(tiny, tokenizer, tmp_path, suite_files):
     for body in saved["suites"].values():
         assert all(_stat_ok(s) for s in body["metrics"].values())
     pair = saved["judge_agreement"]["refusal~toxicity"]
-    assert pair["n"] == 6  # both judged the harmful and benign answers; raw continuations get no refusal verdict
+    assert pair["n"] == 3 + 3 + 4  # file-toxicity is a chat suite, so its answers get refusal verdicts too
     recs = read_generations(out / "generations" / "file-toxicity-tox.jsonl")
     assert len(recs) == 4 and sorted(r["sample"] for r in recs) == [0, 0, 1, 1]
     for r in recs:
