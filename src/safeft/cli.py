@@ -12,7 +12,7 @@ import os
 import sys
 
 from .errors import SafeftError
-from .safety_io import install_log_sanitizer
+from .safety_io import install_log_sanitizer, strip_control
 
 
 class _Parser(argparse.ArgumentParser):
@@ -305,13 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config_from_args(args)  # bad flags/config: one line here, before any worker starts
         except SafeftError as e:
-            sys.stderr.write(f"safeft: error: {e}\n")
+            sys.stderr.write(f"safeft: error: {strip_control(str(e), one_line=True)}\n")
             return e.exit_code
         return _relaunch_with_accelerate(argv, n, acc_cfg)
     try:
         return args.func(args)
     except SafeftError as e:
-        sys.stderr.write(f"safeft: error: {e}\n")
+        sys.stderr.write(f"safeft: error: {strip_control(str(e), one_line=True)}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("safeft: interrupted\n")

@@ -43,6 +43,28 @@ def _read_jsonl(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
     return rows, bad
 
 
+def _read_csv(path: Path, skip_bad: bool) -> tuple[list[dict], int]:
+    """CSV rows; a row with more or fewer fields than the header is malformed."""
+    rows, bad = [], 0
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            for r in reader:
+                if None in r or None in r.values():
+                    if skip_bad:
+                        bad += 1
+                        continue
+                    n = len(reader.fieldnames or [])
+                    raise DataError(
+                        f"{path}:{reader.line_num}: malformed row (expected {n} fields like the header); "
+                        "fix it or set on_bad_rows: skip", field="data",
+                    )
+                rows.append(r)
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})", field="data") from None
+    return rows, bad
+
+
 def read_local(path: Path, skip_bad: bool = False) -> tuple[list[dict], int]:
     """Rows of a local file, and how many malformed rows were skipped."""
     suffix = path.suffix.lower()
@@ -63,12 +85,16 @@ def read_local(path: Path, skip_bad: bool = False) -> tuple[list[dict], int]:
                 raise DataError(f"{path}: item {next(i for i, r in enumerate(data) if not isinstance(r, dict))} is not an object", field="data")
             return good, len(data) - len(good)
         if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as fh:
-                return [dict(r) for r in csv.DictReader(fh)], 0
+            return _read_csv(path, skip_bad)
         if suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist(), 0
+            try:
+                return pq.read_table(path).to_pylist(), 0
+            except (pa.ArrowException, OSError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise DataError(f"{path}: not a readable Parquet file ({first})", field="data") from None
         if suffix == ".txt":
             lines = path.read_text(encoding="utf-8").splitlines()
             return [{"text": ln} for ln in lines if ln.strip()], 0
@@ -138,7 +164,10 @@ def load_rows(spec: DatasetSpec, data_dir: str | None = None) -> list[dict]:
                 raise DataError(f"{p}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files", field="data.path")
             rows = []
             for f in files:
-                rows.extend(read_local(f, spec.on_bad_rows == "skip")[0])
+                part, bad = read_local(f, spec.on_bad_rows == "skip")
+                if bad:
+                    log.warning("%s: skipped %d malformed rows", f, bad)
+                rows.extend(part)
         elif spec.path.startswith((".", "/", "~")) or spec.path.endswith(LOCAL_SUFFIXES):
             raise DataError(f"{spec.path}: file not found", field="data.path")
         else:

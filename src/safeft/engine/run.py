@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 
 from ..config import RunConfig, dump_config
-from ..data import load_rows, tokenize_rows
+from ..data import detect_format, load_rows, tokenize_rows
 from ..errors import ConfigError, DataError
 from ..models import is_peft, load_model
 
@@ -96,9 +96,78 @@ class Run:
         return is_peft(self.model)
 
 
+def _type_name(v) -> str:
+    return "missing" if v is None else type(v).__name__
+
+
+def row_problem(row: dict, fmt: str, spec) -> str | None:
+    """Why one data row cannot be used in format ``fmt`` (None if it can)."""
+    if fmt == "text":
+        v = row.get(spec.text_field)
+        return None if isinstance(v, str) else f"{spec.text_field!r} is {_type_name(v)}, expected text"
+    if fmt == "prompt_response":
+        for f in (spec.prompt_field, spec.response_field):
+            if not isinstance(row.get(f), str):
+                return f"{f!r} is {_type_name(row.get(f))}, expected text"
+        return None
+    msgs = row.get(spec.messages_field)
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        got = f"{len(msgs)} message(s)" if isinstance(msgs, list) else _type_name(msgs)
+        return f"{spec.messages_field!r} must be a list of at least two messages (got {got})"
+    for j, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"{spec.messages_field!r}[{j}] must be an object with text 'role' and 'content'"
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            return f"{spec.messages_field!r}[{j}] has role {m['role'][:40]!r} (expected system, user, assistant or tool)"
+    if msgs[-1]["role"] != "assistant":
+        return f"{spec.messages_field!r} must end with an assistant turn"
+    return None
+
+
+def _detect(rows: list[dict], spec) -> str:
+    """The data format, read off the first row that shows one (a malformed first row is then
+    reported as that row, or skipped, instead of hiding the format of the rest)."""
+    err = None
+    for r in rows[:1000]:
+        try:
+            return detect_format([r], spec)
+        except DataError as e:
+            err = err or e
+    msg = str(err)
+    if err.field and msg.startswith(f"{err.field}: "):
+        msg = msg[len(err.field) + 2:]
+    raise DataError(f"{spec.path}: {msg}", field="data") from None
+
+
+def _usable_rows(rows: list[dict], spec) -> list[dict]:
+    """Rows with the fields their format needs; a bad one is an error naming the file and row,
+    or with ``on_bad_rows: skip`` is skipped and counted."""
+    fmt = _detect(rows, spec)
+    good, bad = [], 0
+    for i, r in enumerate(rows, 1):
+        problem = row_problem(r, fmt, spec)
+        if problem is None:
+            good.append(r)
+        elif spec.on_bad_rows == "skip":
+            bad += 1
+        else:
+            raise DataError(f"{spec.path}: row {i}: {problem}; fix it or set on_bad_rows: skip", field="data")
+    if bad:
+        log.warning("%s: skipped %d malformed rows (on_bad_rows: skip)", spec.path, bad)
+    if not good:
+        raise DataError(f"{spec.path}: no usable row ({bad} malformed)", field="data")
+    return good
+
+
 def tokenize(cfg: RunConfig, spec, tokenizer) -> datasets.Dataset:
-    rows = load_rows(spec, cfg.data.data_dir)
-    examples = tokenize_rows(rows, tokenizer, spec, cfg.data.max_length, cfg.data.packing)
+    rows = _usable_rows(load_rows(spec, cfg.data.data_dir), spec)
+    try:
+        examples = tokenize_rows(rows, tokenizer, spec, cfg.data.max_length, cfg.data.packing)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a chat template rejecting a conversation
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{spec.path}: cannot format the data ({first})", field="data") from None
     examples = [ex for ex in examples if any(lbl != -100 for lbl in ex["labels"][1:])]
     if not examples:
         raise DataError(f"{spec.path}: no example has a response token left after truncation to {cfg.data.max_length}", field="data.max_length")
