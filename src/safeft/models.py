@@ -81,9 +81,9 @@ def resolve_model_path(name_or_path: str) -> str:
                 "a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or 'embedded:smollm2')",
                 field="model.name_or_path",
             )
-        if not (p / "config.json").is_file():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise ModelLoadError(
-                f"{name_or_path!r} has no config.json (expected a saved transformers model)",
+                f"{name_or_path!r} has no config.json (expected a saved transformers model or a peft adapter)",
                 field="model.name_or_path",
             )
         return str(p)
