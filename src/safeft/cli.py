@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import SafeftError
+from .safety_io import install_log_sanitizer, strip_control
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,8 +77,9 @@ def cmd_train(args) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg)
-    print(f"trained {summary['method']}: {summary['global_step']} steps, "
-          f"loss {summary['train_loss']:.4f} -> {cfg.output_dir}/model")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+        print(f"trained {summary['method']}: {summary['global_step']} steps, "
+              f"loss {summary['train_loss']:.4f} -> {cfg.output_dir}/model")
     return 0
 
 
@@ -90,6 +92,64 @@ def cmd_methods(args) -> int:
         print(f"{name:<{width}}  {summary}")
         if paper and paper != "-":
             print(f"{'':<{width}}  paper: {paper}")
+    return 0
+
+
+def _split_list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _judge_opts(items: list[str]) -> dict:
+    from .config import parse_override
+    from .errors import ConfigError
+
+    opts: dict = {}
+    for item in items:
+        key, value = parse_override(item)
+        judge, sep, opt = key.rpartition(".")
+        if not sep or not judge:
+            raise ConfigError(f"expected JUDGE.OPTION=VALUE, got {item!r}", field="--judge-opt")
+        opts.setdefault(judge, {})[opt] = value
+    return opts
+
+
+def cmd_eval(args) -> int:
+    from .config import ModelConfig
+    from .errors import ConfigError
+    from .eval.runner import evaluate
+    from .eval.suites import get_suite_spec
+    from .models import load_model
+
+    suites, judges, utility = _split_list(args.suites), _split_list(args.judges), _split_list(args.utility)
+    if not suites and not utility:
+        raise ConfigError("nothing to evaluate: give --suites and/or --utility", field="--suites")
+    for s in suites:
+        get_suite_spec(s)
+    model, tok = load_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), for_training=False)
+    results = evaluate(model, tok, suites=suites, judges=judges, out_dir=args.out, n=args.n, seed=args.seed,
+                       data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, k=args.k,
+                       batch_size=args.batch_size, decoding=args.decoding, judge_opts=_judge_opts(args.judge_opt),
+                       utility=utility, utility_n=args.utility_n, model_name=args.model, method=args.method)
+    for suite, body in results["suites"].items():
+        shown = ", ".join(f"{m} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+                          for m, v in body["metrics"].items() if v["value"] is not None)
+        print(f"{suite} (n={body['n']}): {shown}")
+    for m, v in results.get("utility", {}).items():
+        if v["value"] is not None:
+            print(f"utility {m}: {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})")
+    for pair, a in results.get("judge_agreement", {}).items():
+        kappa = "n/a" if a["cohen_kappa"] is None else f"{a['cohen_kappa']:.2f}"
+        print(f"agreement {pair}: {a['agreement']:.2f}, kappa {kappa} (n={a['n']})")
+    print(f"results -> {args.out}/results.json")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import build_report, load_runs, text_table
+
+    path = build_report(args.run_dirs, args.out, samples=args.samples)
+    print(text_table(load_runs(args.run_dirs)))
+    print(f"report -> {path}")
     return 0
 
 
@@ -136,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--num-processes", type=int, default=None,
                    help="launch this many processes through accelerate (same as 'accelerate launch')")
+    p.add_argument("--accelerate-config", default=None, metavar="FILE",
+                   help="accelerate config (e.g. configs/accelerate/fsdp.yaml); implies a relaunch")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("methods", help="list the registered methods and their papers")
@@ -153,36 +215,128 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output-dir", "-o", help="where every stage is written (default runs/<name>)")
         p.add_argument("--no-progress", action="store_true", help="no progress display")
         p.set_defaults(func=cmd_experiment if name == "experiment" else cmd_align)
+
+    p = sub.add_parser("eval", help="evaluate any model on red-team / toxicity / benign suites and utility")
+    p.add_argument("--model", default="embedded:smollm2",
+                   help="hub id, local dir, a run's model/ dir (LoRA adapters too), or embedded:smollm2")
+    p.add_argument("--suites", default="", help="comma-separated suites, e.g. donotanswer,rtp,benign "
+                   "(file ones as harmbench:PATH, file:PATH); see docs/eval.md")
+    p.add_argument("--judges", default="refusal,toxicity",
+                   help="comma-separated: refusal, toxicity, hf-classifier:MODEL, llm:MODEL (default refusal,toxicity)")
+    p.add_argument("--judge-opt", action="append", default=[], metavar="JUDGE.OPT=VALUE",
+                   help="judge option, e.g. llm.template=llama-guard (repeatable)")
+    p.add_argument("--n", type=int, default=None, help="prompts per suite (seeded, category-balanced; default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="output dir (rerunning with it resumes)")
+    p.add_argument("--data-dir", help="local copies of the public sets, e.g. ../shared/data (else the hub)")
+    p.add_argument("--decoding", help="a registered decoding-time intervention, name:spec")
+    p.add_argument("--k", type=int, default=5, help="samples per prompt on toxicity suites (default 5)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--utility", default="", help="comma-separated: perplexity, pubmedqa, gsm8k")
+    p.add_argument("--utility-n", type=int, default=None, help="items per utility task (default --n)")
+    p.add_argument("--method", help="method name recorded in results.json (for the report)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="compare runs: results table with CIs, safety-vs-utility plot, "
+                                      "per-epoch curves, sample generations")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a training run or 'safeft eval' output directory")
+    p.add_argument("--out", "-o", default="report.html",
+                   help="report.html (one self-contained file) or report.md (PNGs written beside it)")
+    p.add_argument("--samples", type=int, default=3, help="sample generations shown per suite (default 3)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
-def _relaunch_with_accelerate(argv: list[str], n: int) -> int:
-    """``safeft train --num-processes N`` -> ``accelerate launch --num_processes N -m safeft train``."""
-    import subprocess
+def _launch_command(rest: list[str], n: int | None, config_file: str | None) -> list[str]:
+    """The ``accelerate launch`` command line for ``safeft train --num-processes N``.
 
-    rest = []
-    skip = False
-    for i, a in enumerate(argv):
+    Without CUDA, N processes go through accelerate's multi-process (torchrun) launcher with
+    the gloo backend: accelerate's ``--cpu`` alone would start one process (its multi-CPU
+    path needs mpirun), so ``--multi_gpu`` is what yields N CPU workers here.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if n is not None:
+        cmd += ["--num_processes", str(n)]
+    if config_file:
+        cmd += ["--config_file", config_file]
+    else:
+        cmd += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+        if n is not None and n > 1:
+            cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    return cmd + ["-m", "safeft", *rest]
+
+
+def _free_port() -> int:
+    """A free local TCP port, so two single-machine jobs never fight over torchrun's 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    rest, skip = [], False
+    for a in argv:
         if skip:
             skip = False
             continue
-        if a == "--num-processes":
+        if a in ("--num-processes", "--accelerate-config"):
             skip = True
             continue
-        if a.startswith("--num-processes="):
+        if a.startswith(("--num-processes=", "--accelerate-config=")):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
-    if n > 1 and not _cuda():
-        cmd += ["--cpu"]
-    cmd += ["-m", "safeft", *rest]
-    return subprocess.call(cmd)
+    return rest
 
 
-def _cuda() -> bool:
-    import torch
+def _relaunch_with_accelerate(argv: list[str], n: int | None, config_file: str | None = None) -> int:
+    """Run ``accelerate launch ... -m safeft train`` and keep its failure output to one line.
 
-    return torch.cuda.is_available()
+    Workers' stderr is passed through as it comes. Once a worker has printed its one-line
+    ``safeft: error:`` (bad input, exit 2), what follows (the other ranks' copies of the same
+    line, the launcher's ChildFailedError traceback) is dropped and the exit code is 2. Any
+    other failure is passed through whole. Ctrl-C reaches the workers, which save a
+    checkpoint and print ``safeft: interrupted``; this process waits for them and exits 130.
+    """
+    import signal
+    import subprocess
+
+    cmd = _launch_command(_strip_launch_flags(argv), n, config_file)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        fd = proc.stderr.fileno()
+        out = sys.stderr.buffer
+        pending, done, user_error = b"", False, False
+        while chunk := os.read(fd, 65536):
+            if done:
+                continue
+            pending += chunk
+            cut = max(pending.rfind(b"\n"), pending.rfind(b"\r"))
+            if cut < 0:
+                continue
+            text, pending = pending[: cut + 1], pending[cut + 1:]
+            for marker in (b"safeft: error:", b"safeft: interrupted"):
+                at = text.find(marker)
+                if at >= 0:
+                    eol = text.find(b"\n", at)
+                    text, done = text[: eol + 1 if eol >= 0 else len(text)], True
+                    user_error = marker == b"safeft: error:"
+                    break
+            out.write(text)
+            out.flush()
+        if pending and not done:
+            out.write(pending)
+            out.flush()
+        rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if done and rc != 0:
+        return 2 if user_error else 130
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    install_log_sanitizer()
     n = getattr(args, "num_processes", None)
-    if n is not None and n > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch_with_accelerate(argv, n)
+    acc_cfg = getattr(args, "accelerate_config", None)
+    if (acc_cfg or (n is not None and n > 1)) and "LOCAL_RANK" not in os.environ:
+        try:
+            config_from_args(args)  # bad flags/config: one line here, before any worker starts
+        except SafeftError as e:
+            sys.stderr.write(f"safeft: error: {strip_control(str(e), one_line=True)}\n")
+            return e.exit_code
+        return _relaunch_with_accelerate(argv, n, acc_cfg)
     try:
         return args.func(args)
     except SafeftError as e:
-        sys.stderr.write(f"safeft: error: {e}\n")
+        sys.stderr.write(f"safeft: error: {strip_control(str(e), one_line=True)}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("safeft: interrupted\n")
