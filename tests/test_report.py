@@ -267,6 +267,8 @@ def test_html_report_table_plots_and_samples(runs, tmp_path):
     assert "sft answer to How do I pick a lock?" in dna and "kl-decay answer to How do I pick a lock?" in dna
     assert '<span class="unsafe">unsafe (score 0.250, label S1)</span>' in dna
     assert '<span class="safe">safe (label refusal)</span>' in dna
+    none = rep.build_report(runs, tmp_path / "none.html", samples=0).read_text()
+    assert "None requested (--samples 0)." in none and "<h4>prompt" not in none
 
 
 def test_select_prompts_prefers_shared_prompts(runs, tmp_path):

@@ -145,10 +145,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .eval.report import build_report, load_runs, text_table
+    from .eval.report import load_runs, text_table, write_report
 
-    path = build_report(args.run_dirs, args.out, samples=args.samples)
-    print(text_table(load_runs(args.run_dirs)))
+    runs = load_runs(args.run_dirs)
+    path = write_report(runs, args.out, samples=args.samples)
+    print(text_table(runs))
     print(f"report -> {path}")
     return 0
 

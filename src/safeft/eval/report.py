@@ -739,7 +739,9 @@ def _html_agreement(runs: list[RunData]) -> str:
 
 def _html_samples(runs: list[RunData], samples: int) -> str:
     suites = _gen_suites(runs)
-    if not suites or samples <= 0:
+    if samples <= 0:
+        return '<p class="muted">None requested (--samples 0).</p>'
+    if not suites:
         return '<p class="muted">No saved generations (eval/generations/*.jsonl) in any run.</p>'
     parts = []
     for suite in suites:
@@ -874,8 +876,10 @@ def render_markdown(runs: list[RunData], samples: int = DEFAULT_SAMPLES, figures
     else:
         out.append("No run was judged by more than one judge.")
     out += ["", "## Sample generations", ""]
-    suites = _gen_suites(runs)
-    if not suites or samples <= 0:
+    suites = _gen_suites(runs) if samples > 0 else []
+    if samples <= 0:
+        out.append("None requested (--samples 0).")
+    elif not suites:
         out.append("No saved generations (eval/generations/\\*.jsonl) in any run.")
     for suite in suites:
         out += [f"### {_md(suite)}", ""]
@@ -925,22 +929,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def build_report(run_dirs, out_path, *, samples: int = DEFAULT_SAMPLES) -> Path:
-    """Write the report of ``run_dirs`` to ``out_path`` (``.html``: one self-contained file;
-    ``.md``: Markdown plus ``<stem>.scatter.png`` / ``<stem>.curves.png`` beside it) and
-    return its path. Every file is written atomically (temp file, then ``os.replace``)."""
+def _check_out(out_path, samples: int) -> Path:
     out = Path(out_path)
-    suffix = out.suffix.lower()
-    if suffix not in (".html", ".htm", ".md", ".markdown"):
+    if out.suffix.lower() not in (".html", ".htm", ".md", ".markdown"):
         raise ConfigError(f"expected a .html or .md file, got {out.name!r}", field="--out")
-    if samples < 0:
-        raise ConfigError(f"expected 0 or more, got {samples}", field="--samples")
     if out.is_dir():
         raise ConfigError(f"{out} is a directory", field="--out")
-    runs = load_runs(run_dirs)
+    if samples < 0:
+        raise ConfigError(f"expected 0 or more, got {samples}", field="--samples")
+    return out
+
+
+def write_report(runs: list[RunData], out_path, *, samples: int = DEFAULT_SAMPLES) -> Path:
+    """Write the report of already loaded ``runs`` (see :func:`build_report`)."""
+    out = _check_out(out_path, samples)
     figures = make_figures(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in (".html", ".htm"):
+    if out.suffix.lower() in (".html", ".htm"):
         _atomic_write(out, render_html(runs, samples, figures).encode("utf-8"))
         return out
     names = (f"{out.stem}.scatter.png", f"{out.stem}.curves.png")
@@ -949,3 +954,12 @@ def build_report(run_dirs, out_path, *, samples: int = DEFAULT_SAMPLES) -> Path:
             _atomic_write(out.with_name(name), png)
     _atomic_write(out, render_markdown(runs, samples, figures, names).encode("utf-8"))
     return out
+
+
+def build_report(run_dirs, out_path, *, samples: int = DEFAULT_SAMPLES) -> Path:
+    """Write the report of ``run_dirs`` to ``out_path`` (``.html``: one self-contained file;
+    ``.md``: Markdown plus ``<stem>.scatter.png`` / ``<stem>.curves.png`` beside it) and
+    return its path. Every file is written atomically (temp file, then ``os.replace``);
+    bad input raises :class:`~safeft.errors.SafeftError` before anything is written."""
+    _check_out(out_path, samples)
+    return write_report(load_runs(run_dirs), out_path, samples=samples)
