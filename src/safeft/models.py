@@ -142,6 +142,15 @@ def load_model(cfg: ModelConfig | str | None = None, *, for_training: bool = Tru
         hint = " (offline? use a local directory or embedded:smollm2)" if os.environ.get("HF_HUB_OFFLINE") else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load {cfg.name_or_path!r}: {first}{hint}", field="model.name_or_path") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(
+                f"{cfg.name_or_path!r} needs its own Python code to load, which safeft does not run "
+                "unless asked; read it, then set model.trust_remote_code: true if you trust it",
+                field="model.trust_remote_code",
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load {cfg.name_or_path!r}: {first}", field="model.name_or_path") from None
     if for_training and cfg.lora.enabled and not is_peft(model):
         model = add_lora(model, cfg.lora)
     return model, tok
