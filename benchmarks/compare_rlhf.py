@@ -1,11 +1,14 @@
-"""A small real comparison on RealToxicityPrompts: base, prompted, SFT on non-toxic text, RLHF,
+"""A small real comparison on RealToxicityPrompts: base, prompted, SFT on non-toxic text, DExperts, RLHF,
 RA-RLHF (average reward, tail reward, perplexity), as in the tables of Chaudhary et al. 2024.
 
 Reward: the offline toxicity reward (minus the clipped toxicity logit of the continuation).
 Prompts: the four RealToxicityPrompts files of ../shared/data, shuffled with the seed; the
 first ``--n-eval`` are held out for evaluation, the rest are training prompts. The tail
-prompts are the ``--tail-frac`` of evaluation prompts on which the base model's continuation
-scores worst; perplexity is of each model's continuations under the base model.
+prompts are the ``--tail-frac`` of evaluation prompts on which a *selection sample* of the
+base model (its own seed, ``--select-seed``) scores worst; every model, the base included, is
+then evaluated on a fresh sample (``--seed``), so no model's tail number is the minimum of the
+very sample that chose the tail (that would bias the base model's tail reward downward by
+construction). Perplexity is of each model's continuations under the base model.
 
     python benchmarks/compare_rlhf.py --data-dir ../shared/data --n-eval 48 --iters 12 --batch 16
 
@@ -42,9 +45,10 @@ def rtp_prompts(data_dir: Path) -> list[str]:
     return lines
 
 
-def toxigen_neutral(data_dir: Path, n: int, seed: int) -> list[str]:
+def toxigen_statements(data_dir: Path, kind: str, n: int, seed: int) -> list[str]:
+    """``n`` ToxiGen statements of one kind (``neutral`` or ``hate``), shuffled with ``seed``."""
     stmts = []
-    for f in sorted((data_dir / "toxigen").glob("neutral_*_1k.txt")):
+    for f in sorted((data_dir / "toxigen").glob(f"{kind}_*_1k.txt")):
         for ln in f.read_text().splitlines():
             stmts += [s.strip("- ").strip() for s in ln.split("\\n") if s.strip("- ").strip()]
     random.Random(seed).shuffle(stmts)
@@ -62,27 +66,31 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--tail-frac", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--select-seed", type=int, default=None, help="base sample choosing the tail (default seed+1000)")
     ap.add_argument("--sft-steps", type=int, default=24)
-    ap.add_argument("--stages", default="base,prompted,rlhf,ra-rlhf,sft")
+    ap.add_argument("--stages", default="base,prompted,rlhf,ra-rlhf,sft,dexperts")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dexperts-alpha", type=float, default=2.0)
     ap.add_argument("--out", default=str(RESULTS / "rlhf_comparison.json"))
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     data_dir = Path(a.data_dir)
     prompts = rtp_prompts(data_dir)
     random.Random(a.seed).shuffle(prompts)
     eval_prompts, train_prompts = prompts[: a.n_eval], prompts[a.n_eval :]
     reward = get_reward("toxicity")
-    setting = {k: v for k, v in vars(a).items() if k not in ("out", "data_dir", "stages")}
+    setting = {k: v for k, v in vars(a).items() if k not in ("out", "data_dir", "stages", "threads")}
     setting.update(n_train_prompts=len(train_prompts), model="embedded:smollm2 (SmolLM2-135M-Instruct), LoRA r16",
                    reward="toxicity (offline, -logit clipped at ±9.21)")
     merge_results(a.out, {}, setting=setting)
     ev = dict(max_new_tokens=a.max_new_tokens, seed=a.seed)
 
     base, tok = load_model(ModelConfig(), for_training=False)
-    t = time.perf_counter()
-    res = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, **ev)
-    tail_idx = tail_set(torch.tensor(res["scores"]), a.tail_frac)
-    res["tail_reward"], res["n_tail"] = torch.tensor(res["scores"])[tail_idx].mean().item(), int(tail_idx.numel())
+    select_seed = a.seed + 1000 if a.select_seed is None else a.select_seed
+    sel = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, max_new_tokens=a.max_new_tokens, seed=select_seed)
+    tail_idx = tail_set(torch.tensor(sel["scores"]), a.tail_frac)
+    merge_results(a.out, {}, setting={**setting, "select_seed": select_seed,
+                                      "selection_sample_tail_reward": torch.tensor(sel["scores"])[tail_idx].mean().item()})
 
     def record(name, r, extra=None):
         row = {k: r[k] for k in ("n", "n_tail", "avg_reward", "tail_reward", "ppl")}
@@ -94,7 +102,9 @@ def main() -> None:
 
     stages = a.stages.split(",")
     if "base" in stages:
-        record("base", res, {"eval_s": time.perf_counter() - t})
+        t = time.perf_counter()
+        r = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, tail_idx=tail_idx, **ev)
+        record("base", r, {"eval_s": time.perf_counter() - t})
     if "prompted" in stages:
         r = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, tail_idx=tail_idx,
                             system_prompt=SAFETY_PREFIX, **ev)
@@ -127,7 +137,7 @@ def main() -> None:
                                "iter_s_median": sorted(x["iter_s"] for x in rows)[len(rows) // 2]})
             del model
         if "sft" in stages:
-            texts = toxigen_neutral(data_dir, a.sft_steps * 4, a.seed)
+            texts = toxigen_statements(data_dir, "neutral", a.sft_steps * 4, a.seed)
             sft_file = Path(tmp) / "neutral.jsonl"
             sft_file.write_text("".join(json.dumps({"text": s}) + "\n" for s in texts))
             model, tok3 = load_model(ModelConfig())
@@ -140,6 +150,28 @@ def main() -> None:
             train_s = time.perf_counter() - t
             r = evaluate_policy(model, tok3, eval_prompts, reward, scorer=model, tail_idx=tail_idx, **ev)
             record("sft-nontoxic", r, {"train_s": train_s, "data": f"{len(texts)} ToxiGen neutral statements"})
+        if "dexperts" in stages:
+            from safeft.eval.decoding import build_logits_processor
+
+            t = time.perf_counter()
+            for kind in ("neutral", "hate"):
+                rows = toxigen_statements(data_dir, kind, a.sft_steps * 4, a.seed)
+                f = Path(tmp) / f"{kind}.jsonl"
+                f.write_text("".join(json.dumps({"text": s}) + "\n" for s in rows))
+                model, tok4 = load_model(ModelConfig())
+                safeft.train(None, model=model, tokenizer=tok4, **{
+                    "method.name": "sft", "data.train.path": str(f), "training.max_steps": a.sft_steps,
+                    "training.per_device_train_batch_size": 4, "training.learning_rate": a.lr,
+                    "training.seed": a.seed, "training.save_strategy": "no", "data.max_length": 64,
+                    "output_dir": f"{tmp}/{kind}"})
+                del model
+            train_s = time.perf_counter() - t
+            spec = f"dexperts:expert={tmp}/neutral/model,anti={tmp}/hate/model,alpha={a.dexperts_alpha}"
+            proc = build_logits_processor(base, tok, spec)
+            r = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, tail_idx=tail_idx,
+                                logits_processor=[proc], **ev)
+            record("dexperts", r, {"train_s": train_s, "alpha": a.dexperts_alpha,
+                                   "experts": f"LoRA SFT, {a.sft_steps} steps × 4 ToxiGen neutral / hate statements"})
 
 
 if __name__ == "__main__":
