@@ -41,6 +41,10 @@ class Reference:
     @contextlib.contextmanager
     def _as_reference(self, model):
         if self._copy is not None:
+            # the copy is made before the Trainer moves the model to its device; follow it there
+            device = next(unwrap(model).parameters()).device
+            if next(self._copy.parameters()).device != device:
+                self._copy.to(device)
             with torch.no_grad():
                 yield self._copy
         elif is_peft(model):

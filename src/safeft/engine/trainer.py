@@ -262,6 +262,32 @@ def build_trainer(run: Run, method, callbacks=(), **arg_overrides) -> SafeftTrai
     )
 
 
+def _save_final_model(trainer: SafeftTrainer, run: Run) -> None:
+    """``output_dir/model`` as safetensors, written once (rank 0), atomically.
+
+    Under FSDP / DeepSpeed the weights are sharded: gathering them is collective, so every
+    rank calls the Trainer's ``save_model`` (FULL_STATE_DICT / ``zero3_save_16bit_model``,
+    see configs/accelerate/) into a staging dir, which rank 0 then renames into place.
+    """
+    import os
+    import shutil
+
+    out = run.output_dir / "model"
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        staging = run.output_dir / ".model-gathering"
+        trainer.save_model(str(staging))
+        if trainer.is_world_process_zero():
+            if run.cfg.model.lora.merge:
+                log.warning("lora.merge is skipped under FSDP/DeepSpeed; merge the saved adapter afterwards")
+            run.tokenizer.save_pretrained(staging)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+    elif trainer.is_world_process_zero():
+        save_model(run.model, run.tokenizer, out, merge=run.cfg.model.lora.merge)
+    trainer.accelerator.wait_for_everyone()
+
+
 def fit(run: Run, method, callbacks=()) -> dict:
     """Train with ``method``'s loss; returns the summary also written to train_summary.json."""
     interrupt = InterruptCallback()
@@ -283,9 +309,7 @@ def fit(run: Run, method, callbacks=()) -> dict:
         log.warning("stopped at step %d; checkpoint %s; continue with --resume (same output dir)",
                     trainer.state.global_step, ckpt)
         raise KeyboardInterrupt
-    if trainer.is_world_process_zero():
-        save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
-    trainer.accelerator.wait_for_everyone()
+    _save_final_model(trainer, run)
     summary = {
         "method": method.name,
         "global_step": trainer.state.global_step,
