@@ -43,6 +43,8 @@ MAX_CURVE_PANELS = 12
 KIND_ORDER = {"harmful": 0, "toxicity": 1, "benign": 2}
 SUITE_METRIC_ORDER = ["refusal_rate", "asr/", "parse_failure_rate/", "mean_toxicity", "expected_max_toxicity",
                       "toxicity_probability", "over_refusal_rate"]
+TOXICITY_METRIC_ORDER = ["mean_toxicity", "expected_max_toxicity", "toxicity_probability", "refusal_rate", "asr/",
+                         "parse_failure_rate/"]
 UTILITY_ORDER = ["pubmedqa_acc_loglik", "pubmedqa_acc_gen", "gsm8k_em", "perplexity"]
 # The metric shown per category and on the safety axis, by suite kind.
 PRIMARY_BY_KIND = {"harmful": "refusal_rate", "toxicity": "mean_toxicity", "benign": "over_refusal_rate"}
@@ -455,7 +457,8 @@ def columns(runs: list[RunData]) -> list[Column]:
     cols = []
     for suite, kind in suite_kinds(runs).items():
         names = {m for r in runs if suite in r.suites for m in r.suites[suite].metrics}
-        cols += [Column(suite, kind, m) for m in sorted(names, key=lambda m: _metric_rank(m, SUITE_METRIC_ORDER))]
+        order = TOXICITY_METRIC_ORDER if kind == "toxicity" else SUITE_METRIC_ORDER
+        cols += [Column(suite, kind, m) for m in sorted(names, key=lambda m: _metric_rank(m, order))]
     util = {m for r in runs for m in r.utility}
     cols += [Column("", None, m) for m in sorted(util, key=lambda m: _metric_rank(m, UTILITY_ORDER))]
     return cols
