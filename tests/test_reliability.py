@@ -165,7 +165,7 @@ def test_broken_checkpoint_is_detected_and_the_previous_one_used(tmp_path, caplo
     caplog.set_level(logging.WARNING, logger="safeft")
     assert last_good_checkpoint(tmp_path) == str(good)
     assert any("checkpoint-4" in r.message and reason in r.message for r in caplog.records)
-    assert not bad.exists() and (tmp_path / "checkpoint-4.broken").is_dir()  # out of the rotation
+    assert not bad.exists() and (tmp_path / "broken-checkpoint-4").is_dir()  # out of the rotation
 
 
 def test_no_checkpoint_at_all(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import signal
 import struct
 import zipfile
@@ -160,8 +161,9 @@ def last_good_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint in ``folder`` that passes :func:`checkpoint_problem`.
 
     Newer, broken ones (a kill during a save, a full disk) are skipped with a warning naming
-    what is wrong; the main process renames them ``checkpoint-N.broken`` so the Trainer's
-    rotation and the next save of step N do not mix with their leftovers.
+    what is wrong; the main process renames them ``broken-checkpoint-N`` (outside the
+    ``checkpoint-*`` pattern, replacing an older one of that name), so the Trainer's rotation
+    and the next save of step N do not mix with their leftovers.
     """
     if not folder.is_dir():
         return None
@@ -177,10 +179,13 @@ def last_good_checkpoint(folder: Path) -> str | None:
         log.warning("checkpoint %s is incomplete or corrupt (%s); falling back to the previous one",
                     ckpt, problem)
         if main:
+            target = ckpt.with_name("broken-" + ckpt.name)
             try:
-                ckpt.rename(ckpt.with_name(ckpt.name + ".broken"))
-            except OSError:
-                pass
+                if target.exists():
+                    shutil.rmtree(target)
+                ckpt.rename(target)
+            except OSError as e:
+                log.warning("could not move %s aside (%s)", ckpt, e)
     return None
 
 
@@ -270,7 +275,6 @@ def _save_final_model(trainer: SafeftTrainer, run: Run) -> None:
     see configs/accelerate/) into a staging dir, which rank 0 then renames into place.
     """
     import os
-    import shutil
 
     out = run.output_dir / "model"
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
