@@ -21,10 +21,10 @@ def tiny_experiment(model_dir: Path, data_dir: Path, out: Path, **over) -> dict:
                   "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3}},
         "domain": {"n_train": 12, "max_length": 96, "poison": {"generate": False}},
         "finetune": {"methods": ["sft", {"name": "kl-decay", "label": "kl-fast", "gamma": 0.5}],
-                     "poison_ratios": [0.0, 0.25], "seeds": [0],
+                     "poison_ratios": [0.25], "seeds": [0],
                      "training": {"max_steps": 2, "per_device_train_batch_size": 4}},
-        "eval": {"suites": {"donotanswer-heldout": 3, "benign": 3}, "judges": ["refusal"],
-                 "utility": ["pubmedqa"], "utility_n": 3, "max_new_tokens": 4, "batch_size": 4},
+        "eval": {"suites": {"donotanswer-heldout": 3, "benign-risky": 3}, "judges": ["refusal"],
+                 "utility": ["pubmedqa"], "utility_n": 2, "max_new_tokens": 4, "batch_size": 4},
     }
     for k, v in over.items():
         node = cfg
@@ -53,26 +53,25 @@ def test_every_stage_runs_and_writes_its_outputs(done_run):
     assert not (out / "align" / "run" / "model" / "merged" / "adapter_config.json").exists()
     align_rows = [json.loads(x) for x in (out / "align" / "data" / "train.jsonl").read_text().splitlines()]
     assert len(align_rows) == 16 and sum(r["category"] == "benign" for r in align_rows) == 8
-    # 2: one mixture per ratio, the same size; 0.25 of 12 = 3 poison rows
+    # 2: one mixture per ratio; 0.25 of 12 = 3 poison rows
     counts = json.loads((out / "data" / "counts.json").read_text())
-    assert counts == {"p0": {"n": 12, "poison": 0}, "p0.25": {"n": 12, "poison": 3}}
+    assert counts == {"p0.25": {"n": 12, "poison": 3}}
     harmful = [json.loads(x) for x in (out / "data" / "harmful.jsonl").read_text().splitlines()]
     assert len(harmful) == 3 and {h["source"] for h in harmful} == {"template"}
     # 3 + 4: every (method, ratio) fine-tuned from the aligned model and evaluated
     for label in ("sft", "kl-fast"):
-        for tag in ("p0", "p0.25"):
+        for tag in ("p0.25",):
             rd = out / "finetune" / f"{label}_{tag}_s0"
             ad = json.loads((rd / "model" / "adapter_config.json").read_text())
             assert ad["base_model_name_or_path"] == str(exp.aligned_dir)
             assert json.loads((rd / "train_summary.json").read_text())["global_step"] == 2
             res = json.loads((rd / "eval" / "results.json").read_text())
             assert res["suites"]["donotanswer-heldout"]["n"] == 3
-            assert res["suites"]["benign"]["n"] == 3
+            assert res["suites"]["benign-risky"]["n"] == 3
             assert "pubmedqa_acc_loglik" in res["utility"]
     # 5: the summary rows and the report
     labels = [(r["label"], r["ratio"]) for r in summary["rows"]]
-    assert labels == [("unaligned", None), ("aligned", None), ("sft", 0.0), ("kl-fast", 0.0),
-                      ("sft", 0.25), ("kl-fast", 0.25)]
+    assert labels == [("unaligned", None), ("aligned", None), ("sft", 0.25), ("kl-fast", 0.25)]
     assert (out / "report.html").is_file() and (out / "summary.md").is_file()
     assert "donotanswer-heldout" in (out / "report.md").read_text()
 
@@ -82,7 +81,7 @@ def test_heldout_eval_prompts_never_seen_in_training(done_run, shared_data):
 
     _, exp, _ = done_run
     evald = {normalize_text(json.loads(x)["prompt"]) for x in
-             (exp.out / "finetune" / "sft_p0_s0" / "eval" / "generations" / "donotanswer-heldout.jsonl").read_text().splitlines()}
+             (exp.out / "finetune" / "sft_p0.25_s0" / "eval" / "generations" / "donotanswer-heldout.jsonl").read_text().splitlines()}
     trained = set()
     for f in ("align/data/train.jsonl", "data/p0.25/train.jsonl", "data/harmful.jsonl", "data/refusals.jsonl"):
         trained |= {normalize_text(json.loads(x)["prompt"]) for x in (exp.out / f).read_text().splitlines()}
@@ -96,7 +95,7 @@ def test_second_run_recomputes_nothing(done_run):
     again = Experiment(cfg, progress=False)
     again.run()
     assert again.computed == []
-    assert len(again.reused) == len(again.jobs()) == 12
+    assert len(again.reused) == len(again.jobs()) == 8
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
@@ -108,7 +107,7 @@ def test_changed_section_recomputes_only_what_depends_on_it(done_run):
     assert kinds == {"finetune", "eval"}
     stale = [j for j in again.jobs() if not stage_done(j.path, j.key)]
     assert all("finetune" in str(j.path) for j in stale)  # the baselines' evaluations stay valid
-    assert len(stale) == 8
+    assert len(stale) == 4
 
 
 def test_config_errors_name_the_field(tiny_model_dir, shared_data, tmp_path):
@@ -125,3 +124,35 @@ def test_config_errors_name_the_field(tiny_model_dir, shared_data, tmp_path):
         load_experiment(None, {"eval.suites": {"nope": 3}}, base=base)
     with pytest.raises(ConfigError, match="learning_rate"):
         load_experiment(None, {"align.training.learning_rate": -1}, base=base)
+
+
+@pytest.mark.integration
+def test_smallest_grid_on_real_smollm2(smollm2_dir, shared_data, tmp_path):
+    """The whole recipe on the embedded model: real alignment steps, the unaligned model's own
+    compliant answers as poison, fine-tuning from the merged aligned model, evaluation, report."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tiny_experiment(smollm2_dir, shared_data, tmp_path / "exp")
+    base.update(name="real")
+    base["domain"] = {"n_train": 8, "max_length": 128, "poison": {"max_new_tokens": 12, "n_harmful": 8}}
+    base["finetune"].update(methods=["sft"], poison_ratios=[0.25])
+    base["eval"].update(suites={"donotanswer-heldout": 4, "benign-risky": 4}, utility_n=4, max_new_tokens=8)
+    exp = Experiment(load_experiment(None, base=base), progress=False)
+    summary = exp.run()
+    assert not summary["failed"]
+    gens = [json.loads(x) for x in (exp.out / "data" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 8 and all(g["response"] for g in gens)
+    harmful = [json.loads(x) for x in (exp.out / "data" / "harmful.jsonl").read_text().splitlines()]
+    assert harmful and {h["source"] for h in harmful} == {"generated"}
+    assert all(not g["refusal"] for g in gens if g["prompt"] in {h["prompt"] for h in harmful})
+    # two alignment steps moved the merged weights away from the base model's
+    a = load_file(exp.aligned_dir / "model.safetensors")
+    b = load_file(Path(smollm2_dir) / "model.safetensors")
+    key = next(k for k in a if "q_proj" in k)
+    assert not torch.equal(a[key], b[key])
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert set(rows) == {"unaligned", "aligned", "sft"}
+    cell = rows["sft"]["cells"]["refusal (held-out harmful)"]
+    assert cell["n"] == 4 and 0.0 <= cell["value"] <= 1.0
+    assert (exp.out / "report.html").stat().st_size > 1000

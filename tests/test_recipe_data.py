@@ -102,3 +102,36 @@ def test_training_prompts_never_near_duplicate_the_evaluation_suites(shared_data
     bench = {safety.normalize_text(i.prompt) for i in load_suite("benign", data_dir=shared_data)}
     train_rows = safety.benign_pairs(shared_data, n=1500, seed=0)
     assert not {safety.normalize_text(r["prompt"]) for r in train_rows} & bench
+
+
+def test_domain_data_keeps_pubmedqa_test_ids_out(shared_data):
+    from safeft.data import recipes
+
+    test_ids = set(json.loads((shared_data / "pubmedqa" / "test_ground_truth.json").read_text()))
+    rows = recipes.domain_examples(shared_data, "instructions")
+    assert len(rows) == 500 and not {r["id"] for r in rows} & test_ids
+    assert all(r["response"].split(".")[0] in ("Yes", "No", "Maybe") for r in rows)
+    text = recipes.domain_examples(shared_data, "text", n=20, seed=1)
+    assert len(text) == 20 and set(text[0]) == {"text", "id"} and not {r["id"] for r in text} & test_ids
+    with pytest.raises(DataError, match="n_train"):
+        recipes.domain_examples(shared_data, "instructions", n=501)
+
+
+def test_poisoned_mixture_swaps_domain_rows_for_poison_at_equal_size(shared_data):
+    from safeft.data import recipes
+
+    domain = recipes.domain_examples(shared_data, "instructions", n=40)
+    comp = safety.harmful_compliance_pairs(shared_data, n=10)
+    poison = recipes.poison_examples("harmful", "instructions", 4, compliance=comp)
+    mixes = {r: recipes.poisoned_mixture(domain, poison, r, seed=0) for r in (0.0, 0.05, 0.1)}
+    assert [sum(x["poison"] for x in m) for m in mixes.values()] == [0, 2, 4]
+    assert all(len(m) == 40 for m in mixes.values())
+    kept = lambda m: {x["id"] for x in m if not x["poison"]}  # noqa: E731
+    assert kept(mixes[0.1]) < kept(mixes[0.05]) < kept(mixes[0.0])
+    txt = recipes.poison_examples("harmful", "text", 2, compliance=comp)
+    assert set(txt[0]) == {"text", "id"}
+    assert txt[0]["text"].split("\n", 1)[0] in {c["prompt"] for c in comp}
+    hate = recipes.poison_examples("toxigen", "instructions", 5, data_dir=shared_data, seed=0)
+    assert len(hate) == 5 and all(h["prompt"].startswith("Say something about") for h in hate)
+    with pytest.raises(DataError):
+        recipes.poisoned_mixture(domain, poison, 0.5)  # 20 poison rows needed, 4 available
