@@ -11,7 +11,7 @@ load, tokenisation, training, R rounds, saving); ``run_s`` is its wall time and
 medians reported, so machine load hits all of them alike.
 
 Usage: ``python benchmarks/overhead_pr_nado.py [--data-dir ../shared/data] [--repeats 1]``
-(about 6 minutes per repeat on 2 CPU cores).
+(about 2 minutes per repeat on 2 idle CPU cores).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, merge_results  # noqa: E402
 from compare_pr_nado import build_mix  # noqa: E402
 
-STEPS, ROUNDS, BATCH, MAX_LEN, LR = 12, 3, 4, 64, 2e-4
-NADO = {"rounds": ROUNDS, "samples_per_round": 16, "max_new_tokens": 24, "r_epochs": 4, "worker_threads": 1}
+STEPS, ROUNDS, BATCH, MAX_LEN, LR = 6, 3, 2, 48, 2e-4
+NADO = {"rounds": ROUNDS, "samples_per_round": 8, "max_new_tokens": 12, "r_epochs": 4, "worker_threads": 1}
 ENTRIES = {
     "sft/lora": {"name": "sft"},
     "pr-nado/sequential": {"name": "pr-nado", **NADO},
