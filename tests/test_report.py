@@ -16,14 +16,14 @@ import pytest
 import yaml
 
 from safeft.cli import main
-from safeft.errors import ConfigError, DataError, SafeftError
+from safeft.errors import ConfigError, DataError
 from safeft.eval import report as rep
 
 HOSTILE = ("<script>document.title='pwned'</script></table></td><img src=x onerror=alert(1)>"
            "\x1b[31mRED\x1b]0;retitled\x07 | **bold** `tick` ``` [link](javascript:alert(2)) \u202eevil\x9b2J")
 HOSTILE_PROMPT = "</pre><script>alert(3)</script>\n# heading\n- item\n```\n~~~"
 HOSTILE_SUITE = "x<svg onload=alert(4)>"
-HOSTILE_DIR = "run<i onmouseover=alert(5)>|pipe$\\frac{a"
+HOSTILE_DIR = "run<i onmouseover=alert(5)>|pipe$\\frac{a\x1b[2J"
 
 
 def m(value, lo=None, hi=None, n=None):
@@ -314,6 +314,8 @@ def test_html_escapes_everything_from_files(hostile_runs, tmp_path):
     assert "&lt;b&gt;m|x&lt;/b&gt;" in page and "&lt;script&gt;alert(6)&lt;/script&gt;" in page
     assert "no verdict (label &lt;script&gt;alert(7)&lt;/script&gt;)" in page
     assert "<title>safeft report</title>" in page and "script-src" not in page and "default-src 'none'" in page
+    table = rep.text_table(rep.load_runs(hostile_runs))  # what the CLI prints to a terminal
+    assert "\x1b" not in table and "\u202e" not in table and "pipe$\\frac{a\\x1b[2J" in table
 
 
 def test_markdown_report_is_inert_and_links_pngs(hostile_runs, tmp_path):

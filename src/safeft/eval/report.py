@@ -386,7 +386,8 @@ def direction(metric: str) -> int:
     """+1 when higher is better, -1 when lower is better, 0 when unknown."""
     if metric in ("refusal_rate",) or metric.endswith(("_em", "accuracy", "_acc")) or "_acc_" in metric:
         return 1
-    if metric.startswith(("asr/", "parse_failure_rate/")) or "toxicity" in metric or metric in ("over_refusal_rate", "perplexity"):
+    if (metric.startswith(("asr/", "parse_failure_rate/")) or "toxicity" in metric
+            or metric in ("over_refusal_rate", "perplexity")):
         return -1
     return 0
 
@@ -639,7 +640,8 @@ table.results td.run,table.results th.run{position:sticky;left:0;background:#fff
 table.results th.run{background:#f3f4f6} .ci{color:#555;font-size:.9em} .n{color:#888;font-size:.85em}
 td.best .v{font-weight:700;color:#0a5d2a}
 pre.gen{white-space:pre-wrap;word-break:break-word;overflow-wrap:anywhere;background:#f7f7f9;border:1px solid #e3e3e8;
- padding:6px 8px;margin:0;max-height:18em;overflow:auto;font-size:12.5px;font-family:ui-monospace,Menlo,Consolas,monospace}
+ padding:6px 8px;margin:0;max-height:18em;overflow:auto;font-size:12.5px;
+ font-family:ui-monospace,Menlo,Consolas,monospace}
 table.samples{width:100%;table-layout:fixed} table.samples .run{width:13em;white-space:normal;text-align:left}
 table.samples .verdicts{width:19em;text-align:left}
 .unsafe{color:#b00020;font-weight:600} .safe{color:#0a5d2a} .unknown{color:#8a6d00}
@@ -716,7 +718,7 @@ def _html_categories(runs: list[RunData]) -> str:
                        for c, row in zip(cats, table))
         parts.append(f"<h3>{_h(suite)}: {_h(metric_name(metric))}</h3>"
                      f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
-    return "".join(parts) or f'<p class="muted">No per-category numbers in any run.</p>'
+    return "".join(parts) or '<p class="muted">No per-category numbers in any run.</p>'
 
 
 def _html_agreement(runs: list[RunData]) -> str:
