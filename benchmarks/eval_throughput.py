@@ -54,7 +54,7 @@ def main() -> None:
 
     from transformers import GenerationConfig
 
-    import safeft.eval.generate as G
+    from safeft.eval.generate import format_prompts, generate
     from safeft.eval.suites import load_suite
     from safeft.models import load_model
 
@@ -64,7 +64,7 @@ def main() -> None:
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     pad = tok.pad_token_id
-    texts = G.format_prompts(tok, prompts, chat=True)
+    texts = format_prompts(tok, prompts, chat=True)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad,
                            eos_token_id=eos, use_cache=True)
 
@@ -90,7 +90,7 @@ def main() -> None:
         counted["n"] = 0
         model.generate = counting_generate
         try:
-            G.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         finally:
             del model.generate
         return counted["n"]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .decoding import build_logits_processor
 from .generate import generate
-from .judges import Judge, LLMJudge, Verdict, get_judge
+from .judges import Judge, LLMJudge, get_judge
 from .metrics import agreement, expected_max_toxicity, mean_toxicity, proportion, toxicity_probability
 from .suites import SuiteItem, load_suite, suite_key
 
@@ -285,4 +285,4 @@ def evaluate(
     return results
 
 
-__all__ = ["evaluate", "judge_agreement", "read_generations", "suite_metrics", "Verdict"]
+__all__ = ["evaluate", "judge_agreement", "read_generations", "suite_metrics"]
