@@ -127,3 +127,16 @@ def test_epoch_eval_callback_appends_metrics(tiny_model_dir, tmp_path, chat_json
     assert all("eval/benign-risky/over_refusal_rate" in r and "step" in r for r in evals)
     assert (out / "epoch_eval" / "epoch-1" / "generations" / "benign-risky.jsonl").is_file()
     assert (out / "epoch_eval" / "epoch-2" / "results.json").is_file()
+
+
+def test_method_inferred_from_a_run_dir(tmp_path):
+    from safeft.eval.runner import infer_method
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    assert infer_method(str(run / "model")) is None
+    (run / "config.yaml").write_text("method:\n  name: kl-decay\n  gamma: 0.5\n")
+    assert infer_method(str(run / "model")) == "kl-decay"
+    (run / "train_summary.json").write_text(json.dumps({"method": "sap"}))
+    assert infer_method(str(run / "model")) == "sap"
+    assert infer_method("embedded:smollm2") is None and infer_method(None) is None

@@ -196,6 +196,26 @@ def judge_agreement(records_by_suite: dict[str, list[dict]]) -> dict:
     return out
 
 
+def infer_method(model_name: str | None) -> str | None:
+    """The method of a training run whose ``model/`` dir is evaluated (its run's train_summary.json
+    or config.yaml), else None."""
+    if not model_name or not Path(model_name).expanduser().is_dir():
+        return None
+    run_dir = Path(model_name).expanduser().resolve().parent
+    try:
+        summary = run_dir / "train_summary.json"
+        if summary.is_file():
+            return json.loads(summary.read_text()).get("method")
+        cfg = run_dir / "config.yaml"
+        if cfg.is_file():
+            import yaml
+
+            return ((yaml.safe_load(cfg.read_text()) or {}).get("method") or {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
 def evaluate(
     model,
     tokenizer,
@@ -239,7 +259,8 @@ def evaluate(
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results.setdefault("suites", {})
-    results.update(model=model_name or results.get("model"), method=method or results.get("method"),
+    method = method or results.get("method") or infer_method(model_name)
+    results.update(model=model_name or results.get("model"), method=method,
                    decoding=decoding)
     for name, items in loaded:
         key = suite_key(name)
@@ -285,4 +306,4 @@ def evaluate(
     return results
 
 
-__all__ = ["evaluate", "judge_agreement", "read_generations", "suite_metrics"]
+__all__ = ["evaluate", "infer_method", "judge_agreement", "read_generations", "suite_metrics"]
