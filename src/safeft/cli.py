@@ -340,6 +340,18 @@ def _relaunch_with_accelerate(argv: list[str], n: int | None, config_file: str |
     return rc
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for safeft's own messages (an error stays one line): no weight-loading or
+    shard-writing bars and no library-internal FutureWarnings; ``--verbose`` shows them. The
+    training progress bar is separate (``training.disable_tqdm``)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -347,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     install_log_sanitizer()
+    if not args.verbose:
+        _quiet_libraries()
     n = getattr(args, "num_processes", None)
     acc_cfg = getattr(args, "accelerate_config", None)
     if (acc_cfg or (n is not None and n > 1)) and "LOCAL_RANK" not in os.environ:
