@@ -67,27 +67,32 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     ],
 )
 def test_two_processes_match_one(tmp_path, tiny_model_dir, chat_jsonl, extra):
+    # logging every 2 steps of 3: step 3's loss reaches train_loss only through the Trainer's
+    # end-of-training tail, which must be averaged over ranks too
     common = ["--model", str(tiny_model_dir), "--data", str(chat_jsonl), "--max-steps", "3",
-              "--max-length", "64", "--lr", "1e-3", *extra]
+              "--max-length", "64", "--lr", "1e-3", "--set", "training.logging_steps=2", *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     _train_in_process([*common, "--batch-size", "4"], one)
     proc = _train([*common, "--batch-size", "2"], two, 2)
     assert proc.stdout.count("trained ") == 1  # one summary line, not one per process
 
     l1, l2 = _losses(one), _losses(two)
-    assert len(l1) == len(l2) == 3
+    assert len(l1) == len(l2) == 2  # steps 1 (logging_first_step) and 2
     assert l1 == pytest.approx(l2, rel=LOSS_RTOL)
-    assert l1[-1] < l1[0]  # it did learn (lr 1e-3), so matching weights is not trivial
+    s1, s2 = (json.loads((d / "train_summary.json").read_text()) for d in (one, two))
+    assert s1["train_loss"] == pytest.approx(s2["train_loss"], rel=LOSS_RTOL)
 
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=WEIGHT_ATOL), (k, (w1[k] - w2[k]).abs().max().item())
-    if "--full" in extra:  # the weights moved far more than the tolerance, so the match means something
+    # the weights moved far more than the tolerance (lr 1e-3), so the match means something
+    if "--full" in extra:
         base = load_file(str(tiny_model_dir / "model.safetensors"))
         assert max((w1[k] - base[k]).abs().max().item() for k in base) > 100 * WEIGHT_ATOL
-    summary = json.loads((two / "train_summary.json").read_text())
-    assert summary["global_step"] == 3
+    else:  # LoRA B starts at zero
+        assert max(w1[k].abs().max().item() for k in w1 if "lora_B" in k) > 100 * WEIGHT_ATOL
+    assert s2["global_step"] == 3
 
 
 def test_cpu_launch_uses_multiprocess_launcher():

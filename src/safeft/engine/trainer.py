@@ -225,6 +225,15 @@ class SafeftTrainer(Trainer):
             logs.update(local)
         super().log(logs, *args, **kwargs)
 
+    def _finalize_training(self, *args, **kwargs):
+        # transformers adds the loss accumulated since the last log step from this rank only;
+        # under N processes make that tail the mean over ranks, so ``train_loss`` is the
+        # global-batch loss whatever logging_steps is (as the logged losses already are)
+        tail = getattr(self, "_tr_loss", None)
+        if self.accelerator.num_processes > 1 and isinstance(tail, torch.Tensor):
+            self._tr_loss = self.accelerator.reduce(tail.detach().clone(), reduction="mean")
+        return super()._finalize_training(*args, **kwargs)
+
     @property
     def epoch_index(self) -> float:
         """Epoch of the current step: integer during epoch e (0-based), or fractional."""
