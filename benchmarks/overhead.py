@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, merge_results, peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH, MAX_LEN, N_TRAIN, EPOCHS, LR = 4, 128, 8, 3, 1e-4
+BATCH, MAX_LEN, N_TRAIN, EPOCHS, LR = 2, 64, 8, 3, 1e-4
 LORA = {"r": 16, "alpha": 32}
 
 # entry -> (method, method options, lora?)
@@ -146,7 +146,7 @@ def trl_worker(data_dir: str, out: Path) -> dict:
 
 
 # --- one-process interleaved steps: step time --------------------------------------------------
-def step_times(data_dir: str, rounds: int) -> dict[str, float]:
+def step_times(data_dir: str, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     import torch
     from transformers import set_seed
 
@@ -221,69 +221,104 @@ def _trl_stepper(model, tok, data_dir, tmp):
     return step, _tokenized(data_dir, tok)
 
 
+def _ratio(a, b):
+    return None if a is None or not b else round(a / b, 3)
+
+
+def build_entries(results: dict, todo: list[str]) -> dict:
+    """Entries from whatever has finished: step times (the ``steps`` run) and whole runs."""
+    steps, prep = results.get("steps", ({}, {}))
+    entries = {}
+    for entry in todo:
+        r = results.get(entry, {})
+        if not r and entry not in steps:
+            continue
+        base = BASELINE["full" if "/full" in entry else "lora"]
+        b = results.get(base, {})
+        st, bst = steps.get(entry), steps.get(base)
+        e = {"step_s": None if st is None else round(st, 4), "peak_mem_mb": r.get("peak_mem_mb") and round(r["peak_mem_mb"], 1),
+             "run_s": r.get("run_s") and round(r["run_s"], 2),
+             "step_time_ratio": _ratio(st, bst), "peak_mem_ratio": _ratio(r.get("peak_mem_mb"), b.get("peak_mem_mb")),
+             "run_time_ratio": _ratio(r.get("run_s"), b.get("run_s")), "steps": r.get("steps"),
+             "examples": r.get("examples"),
+             "baseline": {"entry": base, "step_s": bst and round(bst, 4), "peak_mem_mb": b.get("peak_mem_mb"),
+                          "run_s": b.get("run_s")}}
+        if prep.get(entry, 0) > 0.01:
+            e["prepare_s"] = round(prep[entry], 2)
+        if "mix" in r:
+            e["extra_examples"] = r["mix"]["safety_examples"]
+        entries[entry] = e
+    return entries
+
+
+def run_workers(names: list[str], args, on_result) -> dict:
+    """Each name in a fresh process (``--jobs`` at a time); their RESULT lines, parsed."""
+    pending, running, out = list(names), {}, {}
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            cmd = [sys.executable, __file__, "--worker", name, "--data-dir", args.data_dir, "--rounds", str(args.rounds)]
+            running[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for name, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            stdout, stderr = proc.communicate()
+            del running[name]
+            line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.stderr.write(stderr[-3000:])
+                raise SystemExit(f"worker {name} failed")
+            out[name] = json.loads(line[len("RESULT "):])
+            print(name, "done", flush=True)
+            on_result({name: out[name]})
+        time.sleep(0.5)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--rounds", type=int, default=4, help="interleaved step rounds (the first is a warm-up)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="*", help="subset of entries (debugging)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="fresh-process runs at a time (1 = sequential, the cleanest; more on a busy machine)")
     ap.add_argument("--output", default=str(RESULTS / "overhead.json"))
     args = ap.parse_args(argv)
+    if args.worker == "steps":
+        print("RESULT " + json.dumps(step_times(args.data_dir, args.rounds)))
+        return 0
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.data_dir)))
         return 0
 
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
-    steps, prep = step_times(args.data_dir, args.rounds)
-    runs = {}
-    for entry in [*ENTRIES, "trl-sft/lora"]:
-        if args.only and entry not in args.only:
-            continue
-        proc = subprocess.run([sys.executable, __file__, "--worker", entry, "--data-dir", args.data_dir],
-                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"worker {entry} failed")
-        runs[entry] = json.loads(line[len("RESULT "):])
-        print(entry, runs[entry], flush=True)
-
-    entries = {}
-    for entry, r in runs.items():
-        mode = "full" if entry.endswith("full") or "/full" in entry else "lora"
-        base = BASELINE[mode]
-        e = {"step_s": round(steps[entry], 4), "peak_mem_mb": round(r["peak_mem_mb"], 1), "run_s": round(r["run_s"], 2),
-             "step_time_ratio": round(steps[entry] / steps[base], 3),
-             "peak_mem_ratio": round(r["peak_mem_mb"] / runs[base]["peak_mem_mb"], 3),
-             "run_time_ratio": round(r["run_s"] / runs[base]["run_s"], 3),
-             "steps": r["steps"], "examples": r["examples"],
-             "baseline": {"entry": base, "step_s": round(steps[base], 4),
-                          "peak_mem_mb": round(runs[base]["peak_mem_mb"], 1), "run_s": round(runs[base]["run_s"], 2)}}
-        if entry in prep and prep[entry] > 0.01:
-            e["prepare_s"] = round(prep[entry], 2)
-        if "mix" in r:
-            e["extra_examples"] = r["mix"]["safety_examples"]
-        entries[entry] = e
-    merge_results(args.output, entries, model="SmolLM2-135M-Instruct (embedded:smollm2), float32, CPU")
+    todo = [e for e in [*ENTRIES, "trl-sft/lora"] if not args.only or e in args.only or e in BASELINE.values()]
     meta = {
         "setup": f"PubMedQA train ({N_TRAIN} examples, chat prompt->answer), batch {BATCH}, max_length {MAX_LEN}, "
-                 f"{EPOCHS} epochs, LoRA r{LORA['r']}/alpha{LORA['alpha']} all-linear, AdamW lr {LR}, "
-                 f"{torch_threads()} threads; step_s = median of {args.rounds - 1} interleaved rounds in one "
-                 "process; peak_mem_mb/run_s = a whole run in a fresh process each",
-        "cpu_note": f"shared 2-core machine (other agents' jobs running): load average {load_start:.1f} at start, "
-                    f"{os.getloadavg()[0]:.1f} at end; ratios are more reliable than absolute times",
-        "benchmark_s": round(time.perf_counter() - t0, 1),
+                 f"{EPOCHS} epochs, LoRA r{LORA['r']}/alpha{LORA['alpha']} all-linear, AdamW lr {LR}, 2 threads; "
+                 f"step_s = median of {args.rounds - 1} interleaved rounds in one process; peak_mem_mb/run_s = a "
+                 "whole run in a fresh process each",
     }
-    merge_results(args.output, {"overhead.py": meta})
+    results: dict = {}
+
+    def record(done: dict) -> dict:
+        results.update(done)
+        entries = build_entries(results, todo)
+        meta["cpu_note"] = (f"shared 2-core machine (other agents' jobs running): load average {load_start:.1f} at "
+                            f"start, {os.getloadavg()[0]:.1f} now; {args.jobs} fresh-process run(s) at a time; ratios "
+                            "are more reliable than absolute times; null = not measured (run unfinished)")
+        meta["benchmark_s"] = round(time.perf_counter() - t0, 1)
+        merge_results(args.output, {**entries, "overhead.py": meta},
+                      model="SmolLM2-135M-Instruct (embedded:smollm2), float32, CPU")
+        return entries
+
+    run_workers(["steps", *todo], args, record)
+    entries = record({})
     print(json.dumps(entries, indent=2))
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
