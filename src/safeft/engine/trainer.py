@@ -62,20 +62,28 @@ class InterruptCallback(TrainerCallback):
     across processes (a signal may reach the ranks a step apart, and a rank that stopped
     alone would leave the others waiting in an all-reduce), then ``should_save`` and
     ``should_training_stop`` are set together, so every rank saves the same step. A second
-    Ctrl-C aborts at once (the last completed checkpoint stays usable).
+    Ctrl-C more than 2 s later aborts at once (the last completed checkpoint stays usable).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.flag = False
+        self._first = 0.0
         self.interrupted = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
-        if self.flag and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag = True
+        import time
+
+        now = time.monotonic()
+        if self.flag:
+            # under a launcher a worker gets Ctrl-C twice at once (from the terminal and
+            # forwarded by torchrun): only a later, deliberate second Ctrl-C aborts
+            if signum == signal.SIGINT and now - self._first > 2.0:
+                raise KeyboardInterrupt
+            return
+        self.flag, self._first = True, now
         log.warning("%s received: saving a checkpoint after this step, then stopping "
                     "(Ctrl-C again to abort now)", signal.Signals(signum).name)
 
