@@ -115,6 +115,7 @@ def main() -> None:
                     help="comma-separated subset of: sft, filter, pr-nado, pr-nado/adaptive")
     ap.add_argument("--n-ppl", type=int, default=24, help="held-out PubMedQA abstracts for perplexity")
     ap.add_argument("--samples", type=int, default=24, help="pr-nado: sequences sampled per round")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids OpenMP oversubscription on a loaded machine)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and prompts")
     args = ap.parse_args()
     if args.quick:
@@ -124,6 +125,8 @@ def main() -> None:
     from safeft import nado
     from safeft.models import load_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data_dir = Path(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="pr-nado-compare-"))

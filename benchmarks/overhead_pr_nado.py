@@ -1,7 +1,7 @@
 """Wall time of pr-nado's sequential and parallel algorithms against plain LoRA SFT.
 
 Adds ``pr-nado/sequential`` and ``pr-nado/parallel`` to ``benchmarks/results/overhead.json``.
-All three runs use the embedded SmolLM2 with LoRA r16, the same data (a ToxiGen + PubMedQA
+All three runs use the same model (``--model``, default the embedded SmolLM2) with LoRA r16, the same data (a ToxiGen + PubMedQA
 mix built by ``compare_pr_nado.build_mix``), batch, sequence length and number of optimizer
 steps; the two pr-nado runs split those steps into the same rounds and sample the same number
 of sequences per round. Each run goes through the real engine (``safeft.api.train``: model
@@ -10,8 +10,9 @@ load, tokenisation, training, R rounds, saving); ``run_s`` is its wall time and
 ``baseline`` in each entry). With ``--repeats N`` the three runs are interleaved N times and
 medians reported, so machine load hits all of them alike.
 
-Usage: ``python benchmarks/overhead_pr_nado.py [--data-dir ../shared/data] [--repeats 1]``
-(about 2 minutes per repeat on 2 idle CPU cores).
+Usage: ``python benchmarks/overhead_pr_nado.py [--data-dir ../shared/data] [--repeats 1]
+[--model embedded:smollm2|tiny|DIR] [--threads N]`` (a few minutes per repeat on 2 idle CPU
+cores).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ ENTRIES = {
 }
 
 
-def run(entry: str, data: Path, out: Path) -> tuple[float, dict]:
+def run(entry: str, data: Path, out: Path, model: str) -> tuple[float, dict]:
     from safeft import api
 
     overrides = {
-        "data.train.path": str(data), "data.max_length": MAX_LEN, "training.max_steps": STEPS,
+        "model.name_or_path": model, "data.train.path": str(data), "data.max_length": MAX_LEN, "training.max_steps": STEPS,
         "training.per_device_train_batch_size": BATCH, "training.learning_rate": LR, "training.save_strategy": "no",
         "training.disable_tqdm": True, "output_dir": str(out), "overwrite": True,
     }
@@ -49,6 +50,15 @@ def run(entry: str, data: Path, out: Path) -> tuple[float, dict]:
     t = time.perf_counter()
     summary = api.train(None, **overrides)
     return time.perf_counter() - t, summary
+
+
+def tiny_model(path: Path) -> Path:
+    from safeft.models import embedded_model_dir, load_tokenizer, tiny_llama
+
+    tok = load_tokenizer(str(embedded_model_dir()))
+    tiny_llama(vocab_size=len(tok), hidden=64, layers=2, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def round_times(summary: dict) -> dict:
@@ -63,23 +73,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--model", default="embedded:smollm2",
+                    help="model to time: embedded:smollm2, a local dir, or 'tiny' (safeft.models.tiny_llama, "
+                         "hidden 64, 2 layers, with SmolLM2's tokenizer)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the main process (on a loaded machine, 1 avoids OpenMP oversubscription)")
     args = ap.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="pr-nado-overhead-"))
+    if args.model == "tiny":
+        args.model = str(tiny_model(work / "tiny"))
     mix = build_mix(Path(args.data_dir), work / "data", n_hate=24, n_neutral=12, n_domain=24)
     times: dict[str, list[float]] = {e: [] for e in ENTRIES}
     details: dict[str, dict] = {}
     for rep in range(args.repeats):
         order = list(ENTRIES) if rep % 2 == 0 else list(reversed(ENTRIES))
         for entry in order:
-            secs, summary = run(entry, mix["train"], work / entry.replace("/", "-"))
+            secs, summary = run(entry, mix["train"], work / entry.replace("/", "-"), args.model)
             times[entry].append(secs)
             details[entry] = round_times(summary)
             print(f"{entry}: {secs:.1f} s", flush=True)
     med = {e: statistics.median(v) for e, v in times.items()}
     base = med["sft/lora"]
-    setting = (f"embedded SmolLM2, LoRA r16, {STEPS} steps x batch {BATCH} x max_length {MAX_LEN}, {ROUNDS} rounds, "
+    setting = (f"{'tiny Llama (hidden 64, 2 layers)' if 'tiny' in args.model else args.model}, LoRA r16, {STEPS} steps x batch {BATCH} x max_length {MAX_LEN}, {ROUNDS} rounds, "
                f"{NADO['samples_per_round']} samples x {NADO['max_new_tokens']} new tokens per round, "
                f"{torch.get_num_threads()} torch threads (parallel: + a 1-thread R worker process)")
     entries = {}
