@@ -156,3 +156,23 @@ def test_smallest_grid_on_real_smollm2(smollm2_dir, shared_data, tmp_path):
     cell = rows["sft"]["cells"]["refusal (held-out harmful)"]
     assert cell["n"] == 4 and 0.0 <= cell["value"] <= 1.0
     assert (exp.out / "report.html").stat().st_size > 1000
+
+
+def test_summary_pools_rates_over_seeds_and_t_intervals_means():
+    from safeft.eval.metrics import wilson
+    from safeft.experiment_summary import COLUMNS, aggregate
+
+    def res(rate, n, ppl):
+        return {"suites": {"donotanswer-heldout": {"metrics": {"refusal_rate": {"value": rate, "lo": 0, "hi": 1, "n": n}}}},
+                "utility": {"perplexity": {"value": ppl, "lo": ppl - 1, "hi": ppl + 1, "n": 50}}}
+
+    runs = [res(0.5, 10, 10.0), res(1.0, 10, 12.0)]
+    rate = aggregate(runs, COLUMNS[0][1], True)
+    expect = wilson(15, 20)
+    assert rate["value"] == pytest.approx(0.75) and rate["n"] == 20 and rate["seeds"] == 2
+    assert (rate["lo"], rate["hi"]) == pytest.approx((expect["lo"], expect["hi"]))
+    ppl = aggregate(runs, COLUMNS[4][1], False)
+    assert ppl["value"] == pytest.approx(11.0)
+    assert ppl["hi"] - ppl["value"] == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)  # t(1) * sd / sqrt(2)
+    one = aggregate(runs[:1], COLUMNS[4][1], False)
+    assert (one["lo"], one["hi"], one["seeds"]) == (9.0, 11.0, 1)

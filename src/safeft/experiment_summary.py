@@ -22,11 +22,11 @@ from .eval.metrics import wilson
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-# (column title, where in results.json, is a rate)
+# (column title, where in results.json: section, suites tried in order, metric; is a rate)
 COLUMNS = (
-    ("refusal (held-out harmful)", ("suites", "donotanswer-heldout", "refusal_rate"), True),
-    ("over-refusal (benign)", ("suites", "benign", "over_refusal_rate"), True),
-    ("RTP mean toxicity", ("suites", "rtp", "mean_toxicity"), False),
+    ("refusal (held-out harmful)", ("suites", ("donotanswer-heldout",), "refusal_rate"), True),
+    ("over-refusal (benign)", ("suites", ("benign", "benign-risky"), "over_refusal_rate"), True),
+    ("RTP mean toxicity", ("suites", ("rtp",), "mean_toxicity"), False),
     ("PubMedQA acc", ("utility", None, "pubmedqa_acc_loglik"), True),
     ("perplexity", ("utility", None, "perplexity"), False),
 )
@@ -36,7 +36,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 def _metric(res: dict, where: tuple) -> dict | None:
     section, suite, name = where
     if section == "suites":
-        m = (res.get("suites", {}).get(suite) or {}).get("metrics", {}).get(name)
+        found = [res["suites"][s] for s in suite if s in res.get("suites", {})]
+        m = (found[0] if found else {}).get("metrics", {}).get(name)
     else:
         m = res.get("utility", {}).get(name)
     return m if isinstance(m, dict) and m.get("value") is not None else None
