@@ -1,4 +1,4 @@
-"""A small real comparison on RealToxicityPrompts: base, prompted, SFT on non-toxic text, DExperts, RLHF,
+"""A small real comparison on RealToxicityPrompts: base, prompted, SFT on non-toxic text, DExperts, Quark, RLHF,
 RA-RLHF (average reward, tail reward, perplexity), as in the tables of Chaudhary et al. 2024.
 
 Reward: the offline toxicity reward (minus the clipped toxicity logit of the continuation).
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--select-seed", type=int, default=None, help="base sample choosing the tail (default seed+1000)")
     ap.add_argument("--sft-steps", type=int, default=24)
-    ap.add_argument("--stages", default="base,prompted,rlhf,ra-rlhf,sft,dexperts")
+    ap.add_argument("--stages", default="base,prompted,rlhf,ra-rlhf,sft,quark,dexperts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dexperts-alpha", type=float, default=2.0)
     ap.add_argument("--out", default=str(RESULTS / "rlhf_comparison.json"))
@@ -150,6 +150,22 @@ def main() -> None:
             train_s = time.perf_counter() - t
             r = evaluate_policy(model, tok3, eval_prompts, reward, scorer=model, tail_idx=tail_idx, **ev)
             record("sft-nontoxic", r, {"train_s": train_s, "data": f"{len(texts)} ToxiGen neutral statements"})
+        if "quark" in stages:
+            from safeft.methods.quark import control_prefix
+
+            model, tok5 = load_model(ModelConfig())
+            t = time.perf_counter()
+            safeft.train(None, model=model, tokenizer=tok5, **{
+                "method.name": "quark", "data.train.path": str(ptxt), "method.samples_per_round": a.batch,
+                "method.train_steps": a.ppo_epochs * 2, "method.max_new_tokens": a.max_new_tokens,
+                "training.max_steps": a.iters, "training.per_device_train_batch_size": max(1, a.batch // 2),
+                "training.learning_rate": a.lr, "training.seed": a.seed, "output_dir": f"{tmp}/quark"})
+            train_s = time.perf_counter() - t
+            best = control_prefix(5)
+            r = evaluate_policy(model, tok5, [best + x for x in eval_prompts], reward, scorer=model,
+                                tail_idx=tail_idx, **ev)
+            record("quark", r, {"train_s": train_s, "rounds": a.iters, "control_prefix": best})
+            del model
         if "dexperts" in stages:
             from safeft.eval.decoding import build_logits_processor
 

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "overhead.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lines = (Path(a.data_dir) / "realtoxicityprompts" / "rtp_insult.txt").read_text().splitlines()
@@ -82,7 +83,7 @@ def main() -> None:
             "setting": setting,
         },
     }
-    merge_results(RESULTS / "overhead.json", entries)
+    merge_results(a.out, entries)
     for name, e in entries.items():
         print(name, e["iter_s"], e.get("ratio_vs_rlhf", ""))
 
