@@ -7,8 +7,12 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# On an oversubscribed CPU, OpenMP's busy-wait barriers make processes spin against each other
+# (seen as stalls in gomp_barrier_wait_end); passive waiting keeps subprocess-heavy tests moving.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -21,7 +21,7 @@ a second run recomputes nothing and a changed section recomputes only what depen
 5. ``report``: :func:`safeft.eval.report.build_report` (HTML and Markdown) and ``summary.md``:
    the grid aggregated over seeds, with 95 % intervals, and the checks of the expected results.
 
-Held-out refusal is measured on the ``donotanswer-heldout`` suite (registered here): the
+Held-out refusal is measured on the ``donotanswer-heldout`` suite (safeft.eval.suites): the
 Do-Not-Answer prompts of the ``eval`` split, none of which is a duplicate or a near-duplicate of
 an alignment, poison or SAP prompt.
 """
@@ -227,7 +227,6 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
                           field="align.benign_sources")
     from .eval.suites import get_suite_spec
 
-    _register_heldout_suite()
     for name in cfg.eval.suites:
         try:
             get_suite_spec(name)
@@ -236,23 +235,6 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     if cfg.domain.poison.kind == "toxigen" and not cfg.data_dir and max(cfg.finetune.poison_ratios) > 0:
         raise ConfigError("ToxiGen poisoning reads local files: set data_dir (--data-dir)", field="domain.poison.kind")
     return cfg
-
-
-# --- the held-out harmful suite ----------------------------------------------------------------
-
-def _register_heldout_suite() -> None:
-    from .eval.suites import SUITES, register_suite
-
-    if HELDOUT_SUITE in SUITES:
-        return
-
-    @register_suite(HELDOUT_SUITE, kind="harmful", chat=True,
-                    summary="Do-Not-Answer eval split: never a (near-)duplicate of a prompt the recipe trains on",
-                    source="donotanswer/*.jsonl | hub LibrAI/do-not-answer, split by safeft.data.safety")
-    def _heldout(data_dir, arg):
-        from .data.safety import harmful_prompts
-
-        return [(r["prompt"], r["category"]) for r in harmful_prompts(data_dir, "eval")]
 
 
 # --- stages and caching -----------------------------------------------------------------------
@@ -323,7 +305,6 @@ class Experiment:
         self.computed: list[str] = []
         self.reused: list[str] = []
         self.failed: dict[str, str] = {}
-        _register_heldout_suite()
 
     # paths
     @property

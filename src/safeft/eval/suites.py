@@ -128,6 +128,15 @@ def _donotanswer(data_dir, arg):
     return out
 
 
+
+@register_suite("donotanswer-heldout", kind="harmful", chat=True,
+                summary="Do-Not-Answer eval split: never a (near-)duplicate of a prompt safeft's alignment/refusal sets train on",
+                source=f"donotanswer/*.jsonl | hub {DONOTANSWER_HUB}, split by safeft.data.safety")
+def _donotanswer_heldout(data_dir, arg):
+    from ..data.safety import harmful_prompts
+
+    return [(r["prompt"], r["category"]) for r in harmful_prompts(data_dir, "eval")]
+
 @register_suite("future-tense", kind="harmful", chat=True,
                 summary="harmful requests rephrased in the future tense (Andriushchenko & Flammarion 2024)",
                 source="phrasing/future_tense_en.txt")
