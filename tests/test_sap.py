@@ -214,17 +214,16 @@ def test_refresh_every_k_and_exact_restore_full_finetuning(aligned, toy_sets):
     sap.remove_hooks()
 
 
-@pytest.mark.parametrize("schedule", ["exact", "shared"])
-def test_sap_keeps_refusals_that_sft_loses(aligned, toy_sets, schedule):
+def test_sap_keeps_refusals_that_sft_loses(aligned, toy_sets):
     """Same start, data, steps and update rule (the paper's gradient step W ← W − α∇W):
     SFT on the task erodes the refusals on held-out harmful prompts; SAP erodes them less
     while fitting the task about as well."""
 
     def train(method_factory):
-        model = _lora(aligned, seed=2)
+        model = add_lora(copy.deepcopy(aligned), LoraConfig(r=8, alpha=16))
         method = method_factory(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        for step in range(30):
+        for step in range(10):
             model.train()
             out = method.compute_loss(model, TASK_BATCH, _trainer(step))
             opt.zero_grad()
@@ -235,7 +234,7 @@ def test_sap_keeps_refusals_that_sft_loses(aligned, toy_sets, schedule):
 
     start = _nll(aligned, HELDOUT_REFUSALS)
     sft_refusal, sft_task = train(_sft)
-    sap_refusal, sap_task = train(lambda m: _sap(m, schedule=schedule))
+    sap_refusal, sap_task = train(lambda m: _sap(m, schedule="exact", epsilon=1e-3))
     assert sft_refusal > start + 0.3  # fine-tuning on the task costs safety
     assert sap_refusal < sft_refusal - 0.15
     assert sap_task < sft_task + 0.1
