@@ -129,7 +129,8 @@ def cmd_eval(args) -> int:
     results = evaluate(model, tok, suites=suites, judges=judges, out_dir=args.out, n=args.n, seed=args.seed,
                        data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, k=args.k,
                        batch_size=args.batch_size, decoding=args.decoding, judge_opts=_judge_opts(args.judge_opt),
-                       utility=utility, utility_n=args.utility_n, model_name=args.model, method=args.method)
+                       utility=utility, utility_n=args.utility_n, model_name=args.model, method=args.method,
+                       system_prompt=args.system_prompt)
     for suite, body in results["suites"].items():
         shown = ", ".join(f"{m} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
                           for m, v in body["metrics"].items() if v["value"] is not None)
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="samples per prompt on toxicity suites (default 5)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--system-prompt", default=None,
+                   help="the prompted baseline: a safety system message for chat suites")
     p.add_argument("--utility", default="", help="comma-separated: perplexity, pubmedqa, gsm8k")
     p.add_argument("--utility-n", type=int, default=None, help="items per utility task (default --n)")
     p.add_argument("--method", help="method name recorded in results.json (for the report)")
