@@ -94,6 +94,16 @@ class Reference:
             for j, (a, b, c) in enumerate(zip(top_idx.split(counts), top_logp.split(counts), tgt.split(counts))):
                 self.cache[int(batch["idx"][j])] = (a.to(torch.int32).cpu(), b.cpu(), c.cpu())
 
+    def ensure_cache(self, trainer, dataset, output_dir: Path) -> None:
+        """Load the run's cache if it is there (resume), else build it and save it (rank 0)."""
+        path = output_dir / "reference_cache.safetensors"
+        if self.load(path):
+            return
+        self.build_cache(trainer.model, dataset, trainer.data_collator,
+                         trainer.args.per_device_eval_batch_size, trainer.args.device)
+        if trainer.is_world_process_zero():
+            self.save(path)
+
     def lookup(self, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenated (top-k ids, top-k log-probs, target log-probs) for a batch, row-major."""
         parts = [self.cache[int(i)] for i in batch["idx"]]

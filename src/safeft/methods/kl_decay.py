@@ -67,14 +67,7 @@ class KLDecay(Method):
     def prepare(self, trainer) -> None:
         if self.params.reference != "cached":
             return
-        path = self.run.output_dir / "reference_cache.safetensors"
-        if not self.reference.load(path):
-            self.reference.build_cache(
-                trainer.model, self.run.train_dataset, trainer.data_collator,
-                trainer.args.per_device_eval_batch_size, trainer.args.device,
-            )
-            if trainer.is_world_process_zero():
-                self.reference.save(path)
+        self.reference.ensure_cache(trainer, self.run.train_dataset, self.run.output_dir)
 
     def compute_loss(self, model, batch, trainer) -> LossOutput:
         p = self.params
