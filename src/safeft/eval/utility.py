@@ -126,19 +126,62 @@ def _assistant_prefix(tokenizer, prompt: str) -> str:
     return format_prompts(tokenizer, [prompt], chat=True)[0]
 
 
+def _next_token_nll(model, tokenizer, prefixes: list[str], option_ids: list[int], batch_size: int,
+                    max_length: int) -> list[float]:
+    """−log p(option token | prefix) for ``len(option_ids) // len(prefixes)`` options a prefix."""
+    per = len(option_ids) // len(prefixes)
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"][-(max_length - 1):] for t in prefixes]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = [0.0] * len(option_ids)
+    was = inner.training
+    inner.eval()
+    try:
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+        with torch.no_grad():
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                width = max(len(enc[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(idx):  # left-padded: the last column is every prefix's end
+                    ids[r, width - len(enc[i]):] = torch.tensor(enc[i])
+                    mask[r, width - len(enc[i]):] = 1
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = inner(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=pos.to(device), logits_to_keep=1).logits[:, -1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                for r, i in enumerate(idx):
+                    for j in range(per):
+                        out[per * i + j] = float(-logp[r, option_ids[per * i + j]])
+    finally:
+        inner.train(was)
+    return out
+
+
 def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
                     max_length: int = 1024) -> tuple[dict, list[dict]]:
     """Accuracy of argmax over options of log P(option | prompt) (options as the assistant's
     first word, capitalised as in safeft's training format)."""
-    texts, prefix_lens = [], []
+    texts, prefix_lens, prefixes, option_ids = [], [], [], []
     for r in rows:
         prefix = _assistant_prefix(tokenizer, r["prompt"])
-        plen = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        prefixes.append(prefix)
         for opt in PUBMEDQA_OPTIONS:
             texts.append(prefix + opt.capitalize())
-            prefix_lens.append(plen)
-    nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
-                          max_length=max_length)
+            prefix_lens.append(len(p_ids))
+            full = tokenizer(texts[-1], add_special_tokens=False)["input_ids"]
+            single = len(full) == len(p_ids) + 1 and full[: len(p_ids)] == p_ids and len(full) <= max_length
+            option_ids.append(full[-1] if single else None)
+    if all(t is not None for t in option_ids):
+        # every option is one token after its prefix: one forward per question scores all
+        # three from the same next-token distribution (3x cheaper, exactly the same numbers)
+        nll = _next_token_nll(model, tokenizer, prefixes, option_ids, batch_size, max_length)
+    else:
+        nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
+                              max_length=max_length)
     details, correct = [], 0
     for i, r in enumerate(rows):
         scores = [-nll[3 * i + j] for j in range(3)]
