@@ -37,5 +37,6 @@ def median_time(fn, repeats: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB). Use a fresh subprocess per mode."""
+    """Peak resident memory of this process so far (MB). Use a fresh subprocess per mode,
+    spawned while the parent is still small: Linux keeps the peak across fork + exec."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

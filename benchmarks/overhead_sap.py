@@ -194,8 +194,9 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
-    steps = step_times(args.data_dir, args.rounds)
-    print("step_s", steps, flush=True)
+    # Whole runs first, while this process is still small: Linux keeps a process's peak RSS
+    # across exec, so a worker forked from a parent that already holds a model would report
+    # the parent's peak, not its own.
     runs = {}
     for entry in ENTRIES:
         proc = subprocess.run([sys.executable, __file__, "--worker", entry, "--data-dir", args.data_dir],
@@ -206,6 +207,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"worker {entry} failed")
         runs[entry] = json.loads(line[len("RESULT "):])
         print(entry, runs[entry], flush=True)
+    steps = step_times(args.data_dir, args.rounds)
+    print("step_s", steps, flush=True)
     base = "sft/lora"
     baseline = {"entry": base, "measured_by": "overhead_sap.py", "step_s": round(steps[base], 4),
                 "peak_mem_mb": round(runs[base]["peak_mem_mb"], 1), "run_s": round(runs[base]["run_s"], 2)}
