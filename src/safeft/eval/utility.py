@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.readers import PUBMEDQA_HUB, GSM8K_HUB, gsm8k_answer, pubmedqa_prompt, read_gsm8k, read_pubmedqa
-from ..errors import ConfigError, DataError
+from ..config import DatasetSpec
+from ..data.loaders import load_rows
+from ..data.readers import GSM8K_HUB, PUBMEDQA_HUB
+from ..errors import ConfigError
 from ..models import unwrap
 from .generate import format_prompts, generate
 from .metrics import bootstrap_ratio, wilson
@@ -48,31 +50,13 @@ def _sample(rows: list, n: int | None, seed: int) -> list:
 
 
 def _pubmedqa_rows(data_dir) -> list[dict]:
-    if data_dir is not None:
-        return read_pubmedqa(Path(data_dir) / "pubmedqa", "test")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(*PUBMEDQA_HUB, split="train")
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot load PubMedQA from the hub ({str(e).splitlines()[0]}); pass --data-dir",
-                        field="utility") from None
-    return [{"question": r["question"], "contexts": list(r["context"]["contexts"]), "label": r["final_decision"],
-             "prompt": pubmedqa_prompt(r["question"], r["context"]["contexts"]),
-             "text": " ".join(r["context"]["contexts"]) + " " + r["long_answer"]} for r in ds]
+    """The official PubMedQA test questions, from ``data_dir`` or the hub (the data loader's reader)."""
+    return load_rows(DatasetSpec(path=PUBMEDQA_HUB[0], reader="pubmedqa", split="test"), data_dir)
 
 
 def _gsm8k_rows(data_dir) -> list[dict]:
-    if data_dir is not None:
-        return read_gsm8k(Path(data_dir) / "gsm8k", "test")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(*GSM8K_HUB, split="test")
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot load GSM8K from the hub ({str(e).splitlines()[0]}); pass --data-dir",
-                        field="utility") from None
-    return [{"question": r["question"], "prompt": r["question"], "answer": gsm8k_answer(r["answer"])} for r in ds]
+    """GSM8K test problems, from ``data_dir`` or the hub (the data loader's reader)."""
+    return load_rows(DatasetSpec(path=GSM8K_HUB[0], reader="gsm8k", split="test"), data_dir)
 
 
 @torch.no_grad()
