@@ -40,3 +40,27 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB). Use a fresh subprocess per mode,
     spawned while the parent is still small: Linux keeps the peak across fork + exec."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def timed_engine_run(overrides: dict) -> tuple[dict, dict]:
+    """One whole run through the real engine (config -> run -> method.train()), seed 0.
+
+    Returns the timing record ``{"run_s", "peak_mem_mb", "steps", "examples"}`` (wall time from
+    the method's start to the saved model) and the training summary.
+    """
+    from transformers import set_seed
+
+    from safeft.config import load_config
+    from safeft.engine.run import build_run
+    from safeft.methods import get_method_class
+
+    cfg = load_config(None, overrides)
+    cls = get_method_class(cfg.method.name)
+    set_seed(0)
+    run = build_run(cfg)
+    method = cls(cls.validate_params(cfg.method.params()), run)
+    t = time.perf_counter()
+    summary = method.train()
+    record = {"run_s": time.perf_counter() - t, "peak_mem_mb": peak_rss_mb(),
+              "steps": summary["global_step"], "examples": len(run.train_dataset)}
+    return record, summary

@@ -37,7 +37,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, merge_results, peak_rss_mb  # noqa: E402
+from common import RESULTS, merge_results, peak_rss_mb, timed_engine_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, MAX_LEN, N_TRAIN, EPOCHS, LR = 2, 64, 8, 3, 1e-4
@@ -80,21 +80,8 @@ def worker(entry: str, data_dir: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="safeft-bench-"))
     if entry == "trl-sft/lora":
         return trl_worker(data_dir, out)
-    from safeft.config import load_config
-    from safeft.engine.run import build_run
-    from safeft.methods import get_method_class
-    from transformers import set_seed
-
-    cfg = load_config(None, overrides(entry, data_dir, out))
-    cls = get_method_class(cfg.method.name)
-    set_seed(0)
-    run = build_run(cfg)
-    method = cls(cls.validate_params(cfg.method.params()), run)
-    t = time.perf_counter()
-    summary = method.train()
-    run_s = time.perf_counter() - t
-    return {"run_s": run_s, "peak_mem_mb": peak_rss_mb(), "steps": summary["global_step"],
-            "examples": len(run.train_dataset), **({"mix": summary["mix"]} if "mix" in summary else {})}
+    record, summary = timed_engine_run(overrides(entry, data_dir, out))
+    return {**record, **({"mix": summary["mix"]} if "mix" in summary else {})}
 
 
 def _tokenized(data_dir: str, tokenizer):

@@ -34,7 +34,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, merge_results, peak_rss_mb  # noqa: E402
+from common import RESULTS, merge_results, timed_engine_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, MAX_LEN, N_TRAIN, EPOCHS, LR = 4, 128, 24, 2, 1e-4
@@ -63,22 +63,11 @@ def overrides(entry: str, data_dir: str, out: Path) -> dict:
 
 def worker(entry: str, data_dir: str) -> dict:
     import torch
-    from transformers import set_seed
-
-    from safeft.config import load_config
-    from safeft.engine.run import build_run
-    from safeft.methods import get_method_class
 
     torch.set_num_threads(2)
     out = Path(tempfile.mkdtemp(prefix="safeft-bench-sap-"))
-    cfg = load_config(None, overrides(entry, data_dir, out))
-    cls = get_method_class(cfg.method.name)
-    set_seed(0)
-    run = build_run(cfg)
-    method = cls(cls.validate_params(cfg.method.params()), run)
-    t = time.perf_counter()
-    summary = method.train()
-    return {"run_s": time.perf_counter() - t, "peak_mem_mb": peak_rss_mb(), "steps": summary["global_step"]}
+    record, _ = timed_engine_run(overrides(entry, data_dir, out))
+    return record
 
 
 def _steppers(data_dir: str, tmp: Path):
