@@ -112,6 +112,9 @@ def test_bad_suites_raise_data_errors(tmp_path, shared_data):
         load_suite("nope")
     with pytest.raises(DataError, match="needs a path"):
         load_suite("harmbench")
+    # "benign:50" reads like a count but would silently mean the whole suite: refused, with the hint
+    with pytest.raises(DataError, match=r"'benign' takes no argument, got benign:50 \(the number of prompts is --n"):
+        load_suite("benign:50")
     with pytest.raises(DataError, match="not found"):
         load_suite(f"file:{tmp_path / 'missing.csv'}")
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")

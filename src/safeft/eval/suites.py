@@ -57,18 +57,22 @@ class SuiteSpec:
     loader: Callable[[Path | None, str | None], list[tuple[str, str]]]
     """``loader(data_dir, arg) -> [(prompt, category)]``; ``arg`` is the text after ``name:``."""
     needs_arg: bool = False
+    takes_arg: bool = False
+    """Whether ``name:PATH`` is accepted at all (implied by ``needs_arg``)."""
 
 
 SUITES: dict[str, SuiteSpec] = {}
 
 
-def register_suite(name: str, *, kind: str, chat: bool, summary: str, source: str, needs_arg: bool = False):
-    """Decorator registering ``loader(data_dir, arg) -> [(prompt, category)]`` as a suite."""
+def register_suite(name: str, *, kind: str, chat: bool, summary: str, source: str, needs_arg: bool = False,
+                   takes_arg: bool = False):
+    """Decorator registering ``loader(data_dir, arg) -> [(prompt, category)]`` as a suite.
+    ``takes_arg``: an optional ``name:PATH``; ``needs_arg``: a required one."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
 
     def deco(fn):
-        SUITES[name] = SuiteSpec(name, kind, chat, summary, source, fn, needs_arg)
+        SUITES[name] = SuiteSpec(name, kind, chat, summary, source, fn, needs_arg, takes_arg or needs_arg)
         return fn
 
     return deco
@@ -171,7 +175,7 @@ def _alert_adv(data_dir, arg):
     return [(alert_prompt(r["prompt"]), r.get("attack_type") or r.get("category") or "all") for r in rows]
 
 
-@register_suite("advbench", kind="harmful", chat=True,
+@register_suite("advbench", kind="harmful", chat=True, takes_arg=True,
                 summary="AdvBench harmful behaviours (Zou et al. 2023)",
                 source="hub walledai/AdvBench | advbench:harmful_behaviors.csv (goal column)")
 def _advbench(data_dir, arg):
@@ -381,6 +385,9 @@ def get_suite_spec(name: str) -> SuiteSpec:
         raise DataError(f"unknown suite {base!r}; registered: {', '.join(sorted(SUITES))}", field="suites")
     if spec.needs_arg and not arg:
         raise DataError(f"suite {base!r} needs a path: {base}:PATH", field="suites")
+    if arg and not spec.takes_arg:
+        hint = " (the number of prompts is --n, or a mapping {suite: n} in a config)" if arg.isdigit() else ""
+        raise DataError(f"suite {base!r} takes no argument, got {base}:{arg}{hint}", field="suites")
     return spec
 
 
