@@ -47,6 +47,22 @@ def test_pubmedqa_loglik_matches_direct_scoring(tiny, tokenizer, shared_data):
     assert acc["n"] == 2 and acc["value"] == sum(d["pred"] == d["label"] for d in details) / 2
 
 
+def test_pubmedqa_one_prefill_serves_both_metrics(tiny, tokenizer, shared_data):
+    # the log-likelihoods read off the generation's first step equal the separate scoring pass,
+    # and the generations equal a plain greedy generate
+    rows = U._sample(U._pubmedqa_rows(shared_data), 5, 1)
+    _, separate = U.pubmedqa_loglik(tiny, tokenizer, rows, batch_size=2)
+    loglik, shared, gen, gen_details = U.pubmedqa(tiny, tokenizer, rows, batch_size=3, max_new_tokens=6)
+    for a, b in zip(separate, shared):
+        assert a["pred"] == b["pred"]
+        for opt in U.PUBMEDQA_OPTIONS:
+            assert b["loglik"][opt] == pytest.approx(a["loglik"][opt], abs=1e-3)
+    plain = U.generate(tiny, tokenizer, [r["prompt"] for r in rows], max_new_tokens=6, batch_size=3)
+    assert [d["response"] for d in gen_details] == plain
+    assert loglik["n"] == gen["n"] == 5
+    assert gen["value"] == sum(d["pred"] == d["label"] for d in gen_details) / 5
+
+
 def test_answer_parsing():
     assert U.parse_pubmedqa("Yes. Because...") == "yes"
     assert U.parse_pubmedqa("It is unclear, maybe.") == "maybe"

@@ -70,7 +70,8 @@ def generate(
     system_prompt: str | None = None,
     add_special_tokens: bool | None = None,
     max_prompt_tokens: int | None = None,
-) -> list[str]:
+    score_token_ids: list[int] | None = None,
+) -> list[str] | tuple[list[str], list[list[float]]]:
     """Responses to ``prompts``: ``num_return_sequences`` per prompt, prompt i's samples at
     ``i*k .. i*k+k-1``; only the new text, special tokens removed.
 
@@ -79,6 +80,10 @@ def generate(
     ``batch_size * num_return_sequences`` rows). ``logits_processor`` is passed to
     ``model.generate`` (e.g. a registered decoding, :mod:`safeft.eval.decoding`).
     ``max_prompt_tokens`` keeps the last tokens of longer prompts.
+
+    ``score_token_ids``: also return, for every row, log p(token | prompt) of these tokens under
+    the model's raw first-step distribution (before any logits processor): a multiple-choice
+    log-likelihood read off the same forward pass that starts the generation.
     """
     if not prompts:
         return []
@@ -100,7 +105,9 @@ def generate(
                                           "temperature": float(temperature) if do_sample else None,
                                           "top_p": float(top_p) if do_sample else None,
                                           "top_k": None if do_sample else None, "num_beams": 1,
-                                          "pad_token_id": pad_id, "use_cache": True})
+                                          "pad_token_id": pad_id, "use_cache": True,
+                                          "output_logits": score_token_ids is not None,
+                                          "return_dict_in_generate": score_token_ids is not None})
     if gen_cfg.eos_token_id is None:
         gen_cfg.eos_token_id = tokenizer.eos_token_id
     if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
@@ -111,21 +118,28 @@ def generate(
     was_training = inner.training
     inner.eval()
     out: list[str | None] = [None] * (len(prompts) * k)
+    scores: list[list[float]] = [[] for _ in out]
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for batch in length_buckets([len(e) for e in encoded], max(1, int(batch_size))):
                 ids, mask = left_pad([encoded[i] for i in batch], pad_id)
-                seqs = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=gen_cfg, logits_processor=logits_processor)
+                res = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=gen_cfg, logits_processor=logits_processor)
+                seqs = res.sequences if score_token_ids is not None else res
+                first = (torch.log_softmax(res.logits[0].float(), dim=-1)[:, score_token_ids].tolist()
+                         if score_token_ids is not None else None)
                 new = seqs[:, ids.shape[1]:].tolist()
                 for r, row in enumerate(new):
                     i, j = batch[r // k], r % k
                     out[i * k + j] = tokenizer.decode(row, skip_special_tokens=True)
+                    if first is not None:
+                        scores[i * k + j] = first[r]
     finally:
         inner.train(was_training)
-    return [o or "" for o in out]
+    texts_out = [o or "" for o in out]
+    return (texts_out, scores) if score_token_ids is not None else texts_out
 
 
 __all__ = ["format_prompts", "generate", "left_pad", "length_buckets"]

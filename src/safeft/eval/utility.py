@@ -144,10 +144,10 @@ def _next_token_nll(model, tokenizer, prefixes: list[str], option_ids: list[int]
     return out
 
 
-def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
-                    max_length: int = 1024) -> tuple[dict, list[dict]]:
-    """Accuracy of argmax over options of log P(option | prompt) (options as the assistant's
-    first word, capitalised as in safeft's training format)."""
+def _pubmedqa_options(tokenizer, rows: list[dict], max_length: int):
+    """Per row: its assistant prefix, the three option texts (prefix + Yes/No/Maybe), the
+    prefix length, and each option's single next token id (None where an option is not exactly
+    one token after its prefix)."""
     texts, prefix_lens, prefixes, option_ids = [], [], [], []
     for r in rows:
         prefix = _assistant_prefix(tokenizer, r["prompt"])
@@ -159,13 +159,10 @@ def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
             full = tokenizer(texts[-1], add_special_tokens=False)["input_ids"]
             single = len(full) == len(p_ids) + 1 and full[: len(p_ids)] == p_ids and len(full) <= max_length
             option_ids.append(full[-1] if single else None)
-    if all(t is not None for t in option_ids):
-        # every option is one token after its prefix: one forward per question scores all
-        # three from the same next-token distribution (3x cheaper, exactly the same numbers)
-        nll = _next_token_nll(model, tokenizer, prefixes, option_ids, batch_size, max_length)
-    else:
-        nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
-                              max_length=max_length)
+    return texts, prefix_lens, prefixes, option_ids
+
+
+def _pubmedqa_scored(rows: list[dict], nll: list[float]) -> tuple[dict, list[dict]]:
     details, correct = [], 0
     for i, r in enumerate(rows):
         scores = [-nll[3 * i + j] for j in range(3)]
@@ -174,6 +171,47 @@ def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
         details.append({"question": r["question"], "label": r["label"], "pred": pred,
                         "loglik": dict(zip(PUBMEDQA_OPTIONS, scores))})
     return wilson(correct, len(rows)), details
+
+
+def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
+                    max_length: int = 1024) -> tuple[dict, list[dict]]:
+    """Accuracy of argmax over options of log P(option | prompt) (options as the assistant's
+    first word, capitalised as in safeft's training format)."""
+    texts, prefix_lens, prefixes, option_ids = _pubmedqa_options(tokenizer, rows, max_length)
+    if all(t is not None for t in option_ids):
+        # every option is one token after its prefix: one forward per question scores all
+        # three from the same next-token distribution (3x cheaper, exactly the same numbers)
+        nll = _next_token_nll(model, tokenizer, prefixes, option_ids, batch_size, max_length)
+    else:
+        nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
+                              max_length=max_length)
+    return _pubmedqa_scored(rows, nll)
+
+
+def pubmedqa(model, tokenizer, rows: list[dict], *, batch_size: int = 8, max_new_tokens: int = 16,
+             seed: int = 0, max_length: int = 1024) -> tuple[dict, list[dict], dict, list[dict]]:
+    """Both PubMedQA accuracies: ``(loglik, loglik details, gen, gen details)``.
+
+    Where the three options are the same single tokens for every question (the usual case),
+    the log-likelihoods are read off the first step of the greedy generation: one prefill of
+    the long abstract serves both metrics, instead of one for each.
+    """
+    _, _, _, option_ids = _pubmedqa_options(tokenizer, rows, max_length)
+    shared = all(t is not None for t in option_ids) and all(
+        option_ids[3 * i: 3 * i + 3] == option_ids[:3] for i in range(len(rows)))
+    prompts = [r["prompt"] for r in rows]
+    if shared:
+        gens, scores = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                seed=seed, max_prompt_tokens=max_length - 1, score_token_ids=option_ids[:3])
+        loglik, loglik_details = _pubmedqa_scored(rows, [-x for row in scores for x in row])
+    else:
+        loglik, loglik_details = pubmedqa_loglik(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    preds = [parse_pubmedqa(g) for g in gens]
+    gen = wilson(sum(p == r["label"] for p, r in zip(preds, rows)), len(rows))
+    gen_details = [{"question": r["question"], "label": r["label"], "response": g, "pred": p}
+                   for r, g, p in zip(rows, gens, preds)]
+    return loglik, loglik_details, gen, gen_details
 
 
 def parse_pubmedqa(text: str) -> str | None:
@@ -218,14 +256,9 @@ def run_utility(model, tokenizer, tasks: list[str], *, data_dir=None, n: int | N
         out["perplexity"] = perplexity(model, tokenizer, texts, batch_size=batch_size, seed=seed)
     if "pubmedqa" in tasks:
         rows = _sample(_pubmedqa_rows(data_dir), n, seed)
-        out["pubmedqa_acc_loglik"], details["pubmedqa_loglik"] = pubmedqa_loglik(model, tokenizer, rows,
-                                                                                 batch_size=batch_size)
-        gens = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=gen_max_new_tokens,
-                        batch_size=batch_size, seed=seed)
-        preds = [parse_pubmedqa(g) for g in gens]
-        out["pubmedqa_acc_gen"] = wilson(sum(p == r["label"] for p, r in zip(preds, rows)), len(rows))
-        details["pubmedqa_gen"] = [{"question": r["question"], "label": r["label"], "response": g, "pred": p}
-                                   for r, g, p in zip(rows, gens, preds)]
+        (out["pubmedqa_acc_loglik"], details["pubmedqa_loglik"],
+         out["pubmedqa_acc_gen"], details["pubmedqa_gen"]) = pubmedqa(
+            model, tokenizer, rows, batch_size=batch_size, max_new_tokens=gen_max_new_tokens, seed=seed)
     if "gsm8k" in tasks:
         rows = _sample(_gsm8k_rows(data_dir), n, seed)
         gens = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=gsm8k_max_new_tokens,
@@ -243,4 +276,4 @@ def run_utility(model, tokenizer, tasks: list[str], *, data_dir=None, n: int | N
 
 
 __all__ = ["UTILITY_TASKS", "lm_eval_available", "parse_number", "parse_pubmedqa", "perplexity",
-           "pubmedqa_loglik", "run_utility", "same_number", "sequence_nll"]
+           "pubmedqa", "pubmedqa_loglik", "run_utility", "same_number", "sequence_nll"]
