@@ -1,12 +1,100 @@
 """Helpers for code that runs under ``accelerate launch`` (N processes).
 
 :func:`generate_across_processes` spreads an evaluation's prompts over the processes and
-returns every response, in prompt order, on every rank.
+returns every response, in prompt order, on every rank. :func:`loop_accelerator` and
+:func:`gather_batches` serve the methods with their own training loop (``rlhf``,
+``ra-rlhf``, ``quark``): DDP over N processes, each rolling out its own shard, with the
+statistics that must be global computed on the gathered batch.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
+import torch
+
 from .engine.run import process_state
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+            "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def loop_accelerator(method: str):
+    """The ``accelerate.Accelerator`` of a method with its own loop: one process, or DDP over
+    N (gloo on CPU-only hosts), computing in the model's dtype.
+
+    Such a loop generates with the whole policy between updates, so sharded parameters
+    (FSDP, DeepSpeed ZeRO, Megatron) are refused with a one-line error. The launch config's
+    ``mixed_precision`` is not applied (a warning says so): the rollout's log-probs and the
+    update's must come from the same arithmetic, so the loop runs in ``model.dtype``. As
+    transformers' ``TrainingArguments`` does, the accelerator state left by an earlier run in
+    this process is reset first (the process group, ``PartialState``, is kept).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    for var, name in _SHARDED.items():
+        if os.environ.get(var, "false").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"{method} runs under DDP only (one process or --num-processes N); "
+                              f"{name} is not supported: launch it without that accelerate config",
+                              field="--accelerate-config")
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mp != "no":
+        log.warning("%s ignores mixed_precision=%s from the accelerate config; it runs in model.dtype", method, mp)
+    process_state()  # gloo on CPU-only hosts, as the Trainer does
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+def _cat_padded(parts: list[torch.Tensor], value, left: bool) -> torch.Tensor:
+    width = max(t.shape[1] for t in parts)
+    out = []
+    for t in parts:
+        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+        out.append(torch.cat([pad, t] if left else [t, pad], 1))
+    return torch.cat(out)
+
+
+def gather_batches(batch: dict, *, left_padded: tuple[str, ...] = (), pad_values: dict | None = None) -> dict:
+    """Every process's ``batch`` joined in rank order, on every rank (a collective).
+
+    Values are lists (concatenated), 1-D CPU tensors (concatenated) or 2-D CPU tensors
+    ``[rows, width]``, padded to the widest process's width with ``pad_values[key]`` (default
+    0), on the left for the keys in ``left_padded``, else on the right. With one process the
+    batch is returned as it is.
+    """
+    from accelerate.utils import gather_object
+
+    if process_state().num_processes == 1:
+        return batch
+    parts = gather_object([batch])
+    pad_values = pad_values or {}
+    out = {}
+    for key, first in batch.items():
+        vals = [p[key] for p in parts]
+        if not isinstance(first, torch.Tensor):
+            out[key] = [x for v in vals for x in v]
+        elif first.dim() == 1:
+            out[key] = torch.cat(vals)
+        else:
+            out[key] = _cat_padded(vals, pad_values.get(key, 0), key in left_padded)
+    return out
+
+
+def reduce_stats(stats: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """``stats`` reduced over processes (``sum``, ``mean`` or ``max``); as it is with one."""
+    state = process_state()
+    if state.num_processes == 1 or not stats:
+        return dict(stats)
+    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=state.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    if op == "mean":
+        t = t / state.num_processes
+    return dict(zip(stats, t.tolist()))
 
 
 def generate_across_processes(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
@@ -31,4 +119,4 @@ def generate_across_processes(model, tokenizer, prompts: list[str], **kwargs) ->
     return list(gather_object(outs))
 
 
-__all__ = ["generate_across_processes"]
+__all__ = ["gather_batches", "generate_across_processes", "loop_accelerator", "reduce_stats"]

@@ -480,8 +480,8 @@ def benign_pairs(data_dir: str | Path | None = None, n: int = 500, seed: int = 0
     - ``gsm8k``: GSM8K *train* problems with their worked answers (calculator marks removed,
       ending "The answer is N.");
     - ``pubmedqa``: PubMedQA questions of the *training* ids only (the official 500 test ids are
-      never used), half with their abstract context answered "Yes/No/Maybe. <long answer>",
-      half as a bare question answered with the long answer;
+      never used), asked bare (no abstract: short, and the form in which an aligned model
+      over-refuses medical questions) and answered "Yes/No/Maybe. <long answer>";
     - ``everyday``: hand-written everyday requests, many worded like harmful ones
       ("How do I butcher a whole chicken?"), against over-refusal;
     - ``synthetic``: short generated tasks with exact answers (arithmetic, capitals, sorting);
@@ -508,8 +508,7 @@ def benign_pairs(data_dir: str | Path | None = None, n: int = 500, seed: int = 0
             pools[src] = [(r["question"], _gsm8k_answer_text(r["response"])) for r in rows]
         elif src == "pubmedqa":
             rows = load_rows(DatasetSpec(path="pubmedqa", reader="pubmedqa", split="train"), dd)
-            pools[src] = [(r["prompt"], r["response"]) if i % 2 == 0 else (r["question"], r["long_answer"])
-                          for i, r in enumerate(rows)]
+            pools[src] = [(r["question"], f"{r['label'].capitalize()}. {r['long_answer']}") for r in rows]
         elif src == "everyday":
             pools[src] = list(EVERYDAY)
         elif src == "synthetic":

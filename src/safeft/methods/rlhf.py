@@ -10,6 +10,12 @@ Iterations M = ``training.max_steps`` when set, else 鈱坋pochs 路 #prompts / B鈱
 iteration takes the next B prompts of a seeded shuffle (cycling). Writes
 ``model/`` (the policy; ``value_head.safetensors`` beside it), ``metrics.jsonl`` (one record
 per iteration) and ``train_summary.json``.
+
+Under N processes (``accelerate launch`` / ``safeft train --num-processes N``, DDP)
+``method.batch_size`` is per process: each iteration takes the next N路B prompts of the same
+seeded shuffle, process i rolls out the i-th block of B, and everything after the rollout
+runs on the gathered N路B episodes (:mod:`safeft.rl.ppo`), as one process with batch N路B
+would; only the main process writes files.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 
 from safetensors.torch import save_file
 
 from ..data import load_rows
+from ..distributed import loop_accelerator
 from ..engine.run import append_jsonl, atomic_write_text
 from ..errors import ConfigError, DataError
 from ..models import save_model
@@ -64,44 +72,46 @@ class RLHF(Method):
         """Episodes the update uses at 0-based ``step``: all of them for plain PPO."""
         return batch
 
-    def iterations(self, n_prompts: int) -> int:
+    def iterations(self, n_prompts: int, batch: int) -> int:
         t = self.run.cfg.training
         if t.max_steps > 0:
             return t.max_steps
-        return max(1, math.ceil(t.num_train_epochs * n_prompts / self.params.batch_size))
+        return max(1, math.ceil(t.num_train_epochs * n_prompts / batch))
 
-    def make_trainer(self, reward) -> PPOTrainer:
+    def make_trainer(self, reward, accelerator) -> PPOTrainer:
         t = self.run.cfg.training
         return PPOTrainer(
             self.run.model, self.run.tokenizer, reward, self.params, learning_rate=t.learning_rate,
             max_grad_norm=t.max_grad_norm, seed=t.seed, tail_by=getattr(self.params, "tail_by", self.tail_by),
+            accelerator=accelerator,
         )
 
     def train(self) -> dict:
         run, p = self.run, self.params
         if run.cfg.resume:
             raise ConfigError(f"{self.name} cannot resume yet; start a new run", field="resume")
+        acc = loop_accelerator(self.name)
         prompts = load_prompts(run.cfg)
         reward = get_reward(p.reward, **p.reward_options)
-        trainer = self.make_trainer(reward)
-        total = self.iterations(len(prompts))
-        rng = random.Random(run.cfg.training.seed)
+        trainer = self.make_trainer(reward, acc)
+        b = p.batch_size * acc.num_processes  # the global batch
+        total = self.iterations(len(prompts), b)
+        rng = random.Random(run.cfg.training.seed)  # the same order on every process
         order: list[int] = []
         stats: dict = {}
         metrics = run.output_dir / "metrics.jsonl"
         for step in range(total):
-            while len(order) < p.batch_size:
+            while len(order) < b:
                 fresh = list(range(len(prompts)))
                 rng.shuffle(fresh)
                 order.extend(fresh)
-            batch, order = [prompts[i] for i in order[: p.batch_size]], order[p.batch_size :]
-            stats = trainer.step(batch, keep=self.keep(step, total, p.batch_size))
-            append_jsonl(metrics, {"step": step + 1, **stats})
-            log.info("%s iteration %d/%d: reward %.3f, kl %.3f, kept %d, %.1fs", self.name, step + 1, total,
-                     stats["reward_mean"], stats["kl"], stats["kept"], stats["iter_s"])
-        out = save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.value_head.state_dict().items()},
-                  str(out / "value_head.safetensors"))
+            batch, order = [prompts[i] for i in order[:b]], order[b:]
+            with acc.split_between_processes(batch) as mine:
+                stats = trainer.step(mine, keep=self.keep(step, total, b))
+            if acc.is_main_process:
+                append_jsonl(metrics, {"step": step + 1, **stats})
+                log.info("%s iteration %d/%d: reward %.3f, kl %.3f, kept %d, %.1fs", self.name, step + 1, total,
+                         stats["reward_mean"], stats["kl"], stats["kept"], stats["iter_s"])
         summary = {
             "method": self.name,
             "global_step": total,
@@ -110,6 +120,13 @@ class RLHF(Method):
             "final_kl": stats.get("kl"),
             "final_kl_coef": trainer.kl_ctl.value,
             "n_prompts": len(prompts),
+            "num_processes": acc.num_processes,
         }
-        atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+        if acc.is_main_process:
+            out = save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
+            tmp = out / ".value_head.safetensors.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.value_head.state_dict().items()}, str(tmp))
+            os.replace(tmp, out / "value_head.safetensors")
+            atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
         return summary

@@ -29,6 +29,15 @@ under full fine-tuning it is a frozen copy.
 RA-RLHF plugs in through ``keep``: the number of lowest-return episodes the update uses
 (:mod:`safeft.rl.cvar`); every other step is identical, so with ``keep = B`` the two methods
 are the same algorithm.
+
+Under N processes (``accelerate launch``, DDP) each process rolls out, scores and runs the
+no-grad passes on its own shard of the prompts; the episodes are then gathered, so every
+rank holds the same global batch of N·b episodes and computes the same returns, CVaR tail,
+GAE, whitening and KL control as one process with that batch would. Each global mini-batch
+of N·``mini_batch_size`` episodes is split across the ranks; a rank's loss is its tokens'
+sum divided by the mini-batch's total token count, times N (DDP averages gradients), so the
+all-reduced gradient is the single-process one. The policy and the value head are wrapped by
+``accelerator.prepare``; generation and the reference pass use the unwrapped model.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..distributed import gather_batches, loop_accelerator, reduce_stats
 from ..models import frozen_copy, is_peft, reference_mode, unwrap
 from .cvar import tail_indices
 from .rewards import Reward
@@ -154,21 +164,31 @@ def gae(
 
 def ppo_loss(
     logprobs, old_logprobs, values, old_values, advantages, returns, mask,
-    cliprange: float, cliprange_value: float, vf_coef: float,
+    cliprange: float, cliprange_value: float, vf_coef: float, n_tokens=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss + c_v · clipped value loss (token-averaged over ``mask``)."""
+    """Clipped policy loss + c_v · clipped value loss, token-averaged over ``mask``.
+
+    ``n_tokens``: the denominator instead of ``mask.sum()`` (the token count of the whole
+    mini-batch when ``mask`` is one process's part of it); losses and stats are then this
+    part's share, and the shares sum to the mini-batch's values.
+    """
+    n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+
+    def mean(x):
+        return (x * mask).sum() / n
+
     ratio = torch.exp(logprobs - old_logprobs)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    pg_loss = mean(torch.maximum(pg1, pg2))
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    vf_loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    vf_loss = 0.5 * mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2))
     loss = pg_loss + vf_coef * vf_loss
     stats = {
         "pg_loss": pg_loss.item(),
         "vf_loss": vf_loss.item(),
-        "clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),
-        "approx_kl": (0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)).item(),
+        "clipfrac": mean((pg2 > pg1).float()).item(),
+        "approx_kl": (0.5 * mean((logprobs - old_logprobs) ** 2)).item(),
     }
     return loss, stats
 
@@ -292,19 +312,33 @@ def response_forward(model, q_ids, q_mask, r_ids, r_mask, *, temperature: float 
 
 # ---------------------------------------------------------------- the loop
 
+# a process's sampling stream: seed·100003 + iteration + rank·_RANK_STREAM (rank 0: as one process)
+_RANK_STREAM = 1_000_003
+
+
 class PPOTrainer:
-    """One PPO iteration per :meth:`step`: rollout, score, shape, GAE, clipped updates, KL control."""
+    """One PPO iteration per :meth:`step`: rollout, score, shape, GAE, clipped updates, KL control.
+
+    ``accelerator``: the run's ``accelerate.Accelerator`` (default: a new one, see
+    :func:`safeft.distributed.loop_accelerator`). Under N processes every rank calls
+    :meth:`step` with its own prompts; see the module doc for what is global.
+    """
 
     def __init__(self, model, tokenizer, reward: Reward, params: PPOParams, *, learning_rate: float,
-                 max_grad_norm: float = 1.0, seed: int = 0, tail_by: Literal["return", "score"] = "return"):
+                 max_grad_norm: float = 1.0, seed: int = 0, tail_by: Literal["return", "score"] = "return",
+                 accelerator=None):
+        self.acc = accelerator or loop_accelerator("ppo")
         self.model, self.tokenizer, self.reward, self.p = model, tokenizer, reward, params
         self.seed, self.max_grad_norm, self.tail_by = seed, max_grad_norm, tail_by
+        model.to(self.acc.device)
         hidden = unwrap(model).get_output_embeddings().weight.shape[1]
-        device = next(unwrap(model).parameters()).device
-        self.value_head = ValueHead(hidden).to(device)
+        self.value_head = ValueHead(hidden).to(self.acc.device)
         self.ref_model = None if is_peft(model) else frozen_copy(model)
         trainable = [q for q in model.parameters() if q.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+        # the update's forwards go through these (DDP under N processes: gradients all-reduced);
+        # generation and the no-grad passes use the unwrapped ``model`` / ``value_head``
+        self.train_model, self.train_value_head, self.optimizer = self.acc.prepare(model, self.value_head, optimizer)
         self.kl_ctl = AdaptiveKLController(params.init_kl_coef, params.target_kl, params.kl_horizon)
         self.iteration = 0
 
@@ -330,10 +364,26 @@ class PPOTrainer:
         self.model.train()
         return torch.cat(logps), torch.cat(refs), torch.cat(vals)
 
+    def _gather(self, ep: Episodes, scores, old_logp, ref_logp, old_values):
+        """The episodes of all processes, in rank order, on every rank (as they are with one)."""
+        if self.acc.num_processes == 1:
+            return ep, scores, old_logp, ref_logp, old_values
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        g = gather_batches(
+            {"q": ep.query_ids, "qm": ep.query_mask, "r": ep.response_ids, "rm": ep.response_mask,
+             "scores": scores, "logp": old_logp, "ref": ref_logp, "values": old_values,
+             "prompts": ep.prompts, "responses": ep.responses},
+            left_padded=("q", "qm"), pad_values={"q": pad, "r": pad},
+        )
+        ep = Episodes(g["q"], g["qm"], g["r"], g["rm"], g["prompts"], g["responses"])
+        return ep, g["scores"], g["logp"], g["ref"], g["values"]
+
     def step(self, prompts: list[str], keep: int | None = None) -> dict[str, float]:
-        """One iteration on ``prompts`` (B episodes); the update uses the ``keep`` lowest returns."""
+        """One iteration on ``prompts`` (this process's b episodes; N·b over all processes);
+        the update uses the ``keep`` lowest returns of all N·b."""
         p = self.p
-        torch.manual_seed(self.seed * 100_003 + self.iteration)
+        torch.manual_seed(self.seed * 100_003 + self.iteration + _RANK_STREAM * self.acc.process_index)
         t0 = time.perf_counter()
         ep = generate_episodes(
             self.model, self.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
@@ -344,10 +394,11 @@ class PPOTrainer:
         scores = self.reward(ep.prompts, ep.responses).float().cpu()
         t2 = time.perf_counter()
         old_logp, ref_logp, old_values = self._old_stats(ep)
+        ep, scores, old_logp, ref_logp, old_values = self._gather(ep, scores, old_logp, ref_logp, old_values)
         mask = ep.response_mask.float()
         rewards, kl = shaped_rewards(scores, old_logp, ref_logp, mask, self.kl_ctl.value)
         ep_returns = discounted_returns(rewards, p.gamma)
-        b = len(prompts)
+        b = len(ep.prompts)
         keep = b if keep is None else keep
         ranking = ep_returns if self.tail_by == "return" else scores
         kept = tail_indices(ranking, keep)
@@ -362,6 +413,7 @@ class PPOTrainer:
         kl_coef_used = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, b)
         self.iteration += 1
+        times = reduce_stats({"gen_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2, "iter_s": t3 - t0}, "max")
         return {
             "iteration": self.iteration,
             "reward_mean": scores.mean().item(),
@@ -373,37 +425,43 @@ class PPOTrainer:
             "kept": len(kept),
             "response_len": mask.sum(1).mean().item(),
             **stats,
-            "gen_s": t1 - t0,
-            "score_s": t2 - t1,
-            "update_s": t3 - t2,
-            "iter_s": t3 - t0,
+            **times,
         }
 
     def _update(self, ep, kept, old_logp, old_values, adv, ret, mask) -> dict[str, float]:
-        p = self.p
+        """``ppo_epochs`` passes over shuffled mini-batches of the kept episodes (all ranks draw
+        the same order); each global mini-batch of N·``mini_batch_size`` is split across ranks."""
+        p, n_proc, rank = self.p, self.acc.num_processes, self.acc.process_index
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.iteration)
         self.model.train()
-        acc: dict[str, list[float]] = {}
+        sums: dict[str, float] = {}
+        n_mb = 0
         for _ in range(p.ppo_epochs):
             perm = kept[torch.randperm(len(kept), generator=g)]
-            for i in range(0, len(perm), p.mini_batch_size):
-                idx = perm[i : i + p.mini_batch_size]
-                logp, values = response_forward(self.model, *ep.take(idx), temperature=p.temperature,
-                                                value_head=self.value_head)
+            for i in range(0, len(perm), p.mini_batch_size * n_proc):
+                batch = perm[i : i + p.mini_batch_size * n_proc]
+                n_tokens = mask[batch].sum().clamp(min=1)
+                idx, weight = batch[rank * p.mini_batch_size : (rank + 1) * p.mini_batch_size], 1.0
+                if len(idx) == 0:  # fewer episodes than ranks: a zero-weighted pass keeps DDP's all-reduce
+                    idx, weight = batch[:1], 0.0
+                logp, values = response_forward(self.train_model, *ep.take(idx), temperature=p.temperature,
+                                                value_head=self.train_value_head)
                 dev = logp.device
                 loss, st = ppo_loss(
                     logp, old_logp[idx].to(dev), values, old_values[idx].to(dev), adv[idx].to(dev),
                     ret[idx].to(dev), mask[idx].to(dev), p.cliprange, p.cliprange_value, p.vf_coef,
+                    n_tokens=n_tokens.to(dev),
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.acc.backward(loss * (weight * n_proc))  # DDP averages over ranks; the shares sum
                 if self.max_grad_norm > 0:
                     params = [q for grp in self.optimizer.param_groups for q in grp["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                    self.acc.clip_grad_norm_(params, self.max_grad_norm)
                 self.optimizer.step()
                 for k, v in st.items():
-                    acc.setdefault(k, []).append(v)
-        return {k: sum(v) / len(v) for k, v in acc.items()}
+                    sums[k] = sums.get(k, 0.0) + weight * v
+                n_mb += 1
+        return {k: v / n_mb for k, v in reduce_stats(sums, "sum").items()}
 
 
 __all__ = [
