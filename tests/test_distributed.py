@@ -186,3 +186,98 @@ def test_shipped_accelerate_configs_parse():
     assert kinds["zero2"].deepspeed_config["zero_stage"] == 2
     assert kinds["zero3"].deepspeed_config["zero_stage"] == 3
     assert kinds["zero3"].deepspeed_config["zero3_save_16bit_model"] is True
+
+
+# ---------------------------------------------------------------- own-loop methods (PPO, Quark)
+
+# Shared by the 2-process workers and the single-process reference: the reward is the prompt's
+# topic number, so the CVaR tail (lowest returns) is known; LoRA is initialised from one seed.
+RL_COMMON = """
+import torch
+import safeft
+from safeft.config import LoraConfig, ModelConfig
+from safeft.models import load_model
+from safeft.rl.rewards import register_reward
+
+@register_reward("test-topic")
+def _topic():
+    return lambda prompts, responses: torch.tensor([float(p.split()[-1].rstrip(".")) for p in prompts])
+
+def train_tiny(model_dir, prompts, out, **opts):
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(name_or_path=model_dir, lora=LoraConfig(r=4, alpha=8)))
+    summary = safeft.train(None, model=model, tokenizer=tok, **{
+        "data.train.path": prompts, "output_dir": out, "training.learning_rate": 1e-3, **opts})
+    return summary, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+"""
+
+RL_SCRIPT = RL_COMMON + """
+import json, sys
+from safetensors.torch import save_file
+from safeft.engine.run import process_state
+
+summary, weights = train_tiny(sys.argv[1], sys.argv[2], sys.argv[3], **json.loads(sys.argv[4]))
+save_file(weights, f"{sys.argv[3]}/rank{process_state().process_index}.safetensors")
+"""
+
+
+def _launch_script(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    from safeft.cli import _free_port
+
+    path = tmp_path / "worker.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(path), *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ra_rlhf_two_processes_match_one(tmp_path, tiny_model_dir):
+    """2 processes × 2 episodes = 1 process × 4: the CVaR tail is taken over the gathered
+    returns, and the weights are identical on both ranks and match the single process.
+
+    Rollouts are made deterministic with top_k = 1, so both runs see the same episodes. The
+    schedule keeps 3, 1, 1 of the 4 episodes (M = 3, n = 0, α = 0.25, ρ = 0.34): a per-process
+    tail could not keep 3 or 1 of 4 (it keeps a multiple of 2, or another tail), and with 1
+    kept one rank has no episode in the mini-batch (its zero-weighted pass). Tolerances: the
+    two runs differ only in float32 summation order (padding, all-reduce); 1e-5 on weights and
+    statistics. The ranks' weights must be bit-identical (the same all-reduced gradients).
+    """
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(4)) + "\n")
+    opts = {"method.name": "ra-rlhf", "method.reward": "test-topic", "method.top_k": 1,
+            "method.max_new_tokens": 4, "method.ppo_epochs": 2, "method.n_warmup": 0, "method.alpha": 0.25,
+            "method.rho": 0.34, "training.max_steps": 3}
+    two = tmp_path / "two"
+    _launch_script(tmp_path, RL_SCRIPT, str(tiny_model_dir), str(prompts), str(two),
+                   json.dumps({**opts, "method.batch_size": 2, "method.mini_batch_size": 1}))
+    scope: dict = {}
+    exec(RL_COMMON, scope)
+    one = tmp_path / "one"
+    s1, w1 = scope["train_tiny"](str(tiny_model_dir), str(prompts), str(one),
+                                 **{**opts, "method.batch_size": 4, "method.mini_batch_size": 2})
+
+    r0, r1 = load_file(str(two / "rank0.safetensors")), load_file(str(two / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() == w1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    for k in w1:
+        assert torch.allclose(r0[k], w1[k], atol=WEIGHT_ATOL), (k, (r0[k] - w1[k]).abs().max().item())
+    assert max(w1[k].abs().max().item() for k in w1 if "lora_B" in k) > 100 * WEIGHT_ATOL  # it trained
+
+    rows1, rows2 = _rows(one), _rows(two)  # rank 0 alone writes: 3 records, not 6
+    assert [r["kept"] for r in rows2] == [r["kept"] for r in rows1] == [3, 1, 1]
+    assert [r["reward_kept_mean"] for r in rows2] == [r["reward_kept_mean"] for r in rows1] == [1.0, 0.0, 0.0]
+    for a, b in zip(rows1, rows2):
+        for key in ("reward_mean", "return_mean", "kl", "kl_coef", "pg_loss", "vf_loss", "approx_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    v1, v2 = (load_file(str(d / "model" / "value_head.safetensors")) for d in (one, two))
+    assert all(torch.allclose(v1[k], v2[k], atol=WEIGHT_ATOL) for k in v1)
+    s2 = json.loads((two / "train_summary.json").read_text())
+    assert s2["num_processes"] == 2 and s1["num_processes"] == 1
+    assert s2["final_kl_coef"] == pytest.approx(s1["final_kl_coef"], rel=1e-6)

@@ -126,6 +126,19 @@ def test_config_errors_name_the_field(tiny_model_dir, shared_data, tmp_path):
         load_experiment(None, {"align.training.learning_rate": -1}, base=base)
 
 
+def test_an_entry_can_run_at_its_own_poison_ratios(tiny_model_dir, shared_data, tmp_path):
+    # a clean-data control row for SFT only, without multiplying every method by every ratio
+    base = tiny_experiment(tiny_model_dir, shared_data, tmp_path)
+    cfg = load_experiment(None, {"finetune.methods": [{"name": "sft", "poison_ratios": [0.0, 0.25]}, "kl-decay"]},
+                          base=base)
+    exp = Experiment(cfg, progress=False)
+    assert exp.ratios == [0.0, 0.25]
+    tuned = [j.path.name for j in exp.jobs() if j.kind == "finetune"]
+    assert tuned == ["sft_p0_s0", "sft_p0.25_s0", "kl-decay_p0.25_s0"]
+    with pytest.raises(ConfigError, match=r"finetune.methods.0.poison_ratios"):
+        load_experiment(None, {"finetune.methods": [{"name": "sft", "poison_ratios": [2]}]}, base=base)
+
+
 @pytest.mark.integration
 def test_smallest_grid_on_real_smollm2(smollm2_dir, shared_data, tmp_path):
     """The whole recipe on the embedded model: real alignment steps, the unaligned model's own

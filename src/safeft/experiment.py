@@ -105,7 +105,8 @@ class FinetuneSpec(_Strict):
     """Stage 3: the grid."""
 
     methods: list[str | dict] = Field(default_factory=lambda: ["sft", "kl-decay"])
-    """Method names, or ``{name, label?, <options>}``; options may use ``${refusals}``,
+    """Method names, or ``{name, label?, poison_ratios?, <options>}`` (``poison_ratios``: this
+    entry's own ratios, e.g. a control row only at 0); options may use ``${refusals}``,
     ``${harmful}``, ``${benign}``, ``${alignment}``, ``${domain}`` and ``${aligned}`` (the files and
     model the earlier stages wrote)."""
     poison_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1])
@@ -172,6 +173,8 @@ class MethodEntry:
     name: str
     label: str
     options: dict
+    poison_ratios: tuple[float, ...] | None = None
+    """This entry's own ratios (default: the grid's ``finetune.poison_ratios``)."""
 
 
 def method_entries(spec: FinetuneSpec) -> list[MethodEntry]:
@@ -192,12 +195,28 @@ def method_entries(spec: FinetuneSpec) -> list[MethodEntry]:
             raise ConfigError(f"two entries are labelled {label!r}; give one a distinct 'label'",
                               field=f"finetune.methods.{i}.label")
         labels.add(label)
+        ratios = raw.pop("poison_ratios", None)
+        if ratios is not None:
+            try:
+                ratios = tuple(FinetuneSpec._ratios([float(r) for r in ratios]))
+            except (TypeError, ValueError):
+                raise ConfigError(f"poison_ratios must be a non-empty list of ratios in [0, 1), got {ratios!r}",
+                                  field=f"finetune.methods.{i}.poison_ratios") from None
         cls = get_method_class(name)
         cls.validate_params(_substitute(raw, {k: f"/{k}" for k in PLACEHOLDERS}))
-        entries.append(MethodEntry(name, label, raw))
+        entries.append(MethodEntry(name, label, raw, ratios))
     if not entries:
         raise ConfigError("no methods in the grid", field="finetune.methods")
     return entries
+
+
+def entry_ratios(entry: MethodEntry, spec: FinetuneSpec) -> tuple[float, ...]:
+    return entry.poison_ratios if entry.poison_ratios is not None else tuple(spec.poison_ratios)
+
+
+def all_ratios(entries: list[MethodEntry], spec: FinetuneSpec) -> list[float]:
+    """Every poison ratio some entry of the grid runs at, ascending (the data stage builds each)."""
+    return sorted({r for e in entries for r in entry_ratios(e, spec)})
 
 
 def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -232,7 +251,8 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
             get_suite_spec(name)
         except SafeftError as e:
             raise ConfigError(str(e).split(": ", 1)[-1], field="eval.suites") from None
-    if cfg.domain.poison.kind == "toxigen" and not cfg.data_dir and max(cfg.finetune.poison_ratios) > 0:
+    if (cfg.domain.poison.kind == "toxigen" and not cfg.data_dir
+            and max(all_ratios(method_entries(cfg.finetune), cfg.finetune)) > 0):
         raise ConfigError("ToxiGen poisoning reads local files: set data_dir (--data-dir)", field="domain.poison.kind")
     return cfg
 
@@ -300,6 +320,7 @@ class Experiment:
         self.cfg = cfg
         self.out = cfg.out.resolve()
         self.methods = method_entries(cfg.finetune)
+        self.ratios = all_ratios(self.methods, cfg.finetune)
         self.show_progress = progress
         self.console = console
         self.computed: list[str] = []
@@ -325,7 +346,7 @@ class Experiment:
 
     def _data_key(self) -> str:
         d = self.cfg.domain
-        ratios = sorted(self.cfg.finetune.poison_ratios)
+        ratios = self.ratios
         return stage_key("data", self.cfg.model, d.model_dump(mode="json"), ratios,
                          self.cfg.align.n_refusals, self.cfg.align.n_benign, self.cfg.align.benign_sources,
                          self.cfg.align.seed)
@@ -353,9 +374,11 @@ class Experiment:
         out.append(Job("eval", "eval · aligned", ev_w, self.out / "baselines" / "aligned",
                        self._eval_key(self._align_key()), {"model": "aligned", "method": "aligned"}))
         out.append(Job("data", "data", 2.0 + 0.05 * self._n_harmful(), self.out / "data", self._data_key()))
-        for ratio in c.finetune.poison_ratios:
+        for ratio in self.ratios:
             for seed in c.finetune.seeds:
                 for m in self.methods:
+                    if ratio not in entry_ratios(m, c.finetune):
+                        continue
                     rd = self.run_dir(m.label, ratio, seed)
                     fk = self._finetune_key(m, ratio, seed)
                     title = f"{m.label} · {_ratio_tag(ratio)} · seed {seed}"
@@ -393,7 +416,7 @@ class Experiment:
         p = self.cfg.domain.poison
         if p.n_harmful:
             return p.n_harmful
-        k = round(max(self.cfg.finetune.poison_ratios) * self.cfg.domain.n_train)
+        k = round(max(self.ratios) * self.cfg.domain.n_train)
         return int(k * 1.6) + 16
 
     # running
@@ -483,7 +506,7 @@ class Experiment:
 
         c, d = self.cfg, self.cfg.domain
         self._fresh(job.path)
-        ratios = sorted(c.finetune.poison_ratios)
+        ratios = self.ratios
         k_max = round(ratios[-1] * d.n_train)
         compliance: list[dict] = []
         if d.poison.kind == "harmful":

@@ -79,13 +79,17 @@ def _read(path: Path) -> dict | None:
 
 def collect(exp: Experiment) -> list[dict]:
     """Rows: the unaligned and aligned models, then every (method, ratio) over its seeds."""
+    from .experiment import entry_ratios
+
     rows = []
     for label in ("unaligned", "aligned"):
         res = _read(exp.out / "baselines" / label)
         rows.append({"label": label, "method": label, "ratio": None, "seeds": [0] if res else [],
                      "results": [res] if res else []})
-    for ratio in exp.cfg.finetune.poison_ratios:
+    for ratio in exp.ratios:
         for m in exp.methods:
+            if ratio not in entry_ratios(m, exp.cfg.finetune):
+                continue
             found = [(s, _read(exp.run_dir(m.label, ratio, s) / "eval")) for s in exp.cfg.finetune.seeds]
             found = [(s, r) for s, r in found if r is not None]
             rows.append({"label": m.label, "method": m.name, "ratio": ratio, "seeds": [s for s, _ in found],
@@ -158,15 +162,16 @@ def _ns(rows: list[dict]) -> dict:
 
 def write_summary(exp: Experiment) -> dict:
     from .eval.report import build_report
+    from .experiment import entry_ratios
 
     rows = collect(exp)
-    max_ratio = max(exp.cfg.finetune.poison_ratios)
+    max_ratio = max(exp.ratios)
     result = {"name": exp.cfg.name, "output_dir": str(exp.out), "rows": rows, "n_per_seed": _ns(rows),
               "checks": checks(rows, max_ratio), "computed": exp.computed, "reused": exp.reused,
               "failed": exp.failed}
     run_dirs = [exp.out / "baselines" / "unaligned", exp.out / "baselines" / "aligned"]
-    run_dirs += [exp.run_dir(m.label, r, s) for r in exp.cfg.finetune.poison_ratios for m in exp.methods
-                 for s in exp.cfg.finetune.seeds]
+    run_dirs += [exp.run_dir(m.label, r, s) for r in exp.ratios for m in exp.methods
+                 if r in entry_ratios(m, exp.cfg.finetune) for s in exp.cfg.finetune.seeds]
     run_dirs = [d for d in run_dirs if (d / "results.json").is_file() or (d / "eval" / "results.json").is_file()]
     if run_dirs:
         result["report"] = [str(build_report(run_dirs, exp.out / "report.html")),
