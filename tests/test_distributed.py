@@ -281,3 +281,92 @@ def test_ra_rlhf_two_processes_match_one(tmp_path, tiny_model_dir):
     s2 = json.loads((two / "train_summary.json").read_text())
     assert s2["num_processes"] == 2 and s1["num_processes"] == 1
     assert s2["final_kl_coef"] == pytest.approx(s1["final_kl_coef"], rel=1e-6)
+
+
+QUARK_SCRIPT = RL_COMMON + """
+import json, sys
+from safetensors.torch import save_file
+import safeft.methods.quark as quark
+from safeft.engine.run import process_state
+
+cuts = []  # the rewards each round's quantiles were cut from, on this rank
+_quantize = quark.quantize
+quark.quantize = lambda rewards, k: cuts.append(list(rewards)) or _quantize(rewards, k)
+summary, weights = train_tiny(sys.argv[1], sys.argv[2], sys.argv[3], **json.loads(sys.argv[4]))
+rank = process_state().process_index
+save_file(weights, f"{sys.argv[3]}/rank{rank}.safetensors")
+open(f"{sys.argv[3]}/cuts{rank}.json", "w").write(json.dumps(cuts))
+"""
+
+
+def test_quark_two_processes_cut_quantiles_over_all_samples(tmp_path, tiny_model_dir):
+    """Each rank samples 2 of the 4 prompts a round, yet both cut the reward quantiles over
+    the same pool of all 4 per round (reward = topic number, so the pool's rewards are known
+    exactly), and the weights stay bit-identical across ranks."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(4)) + "\n")
+    out = tmp_path / "quark"
+    _launch_script(tmp_path, QUARK_SCRIPT, str(tiny_model_dir), str(prompts), str(out), json.dumps({
+        "method.name": "quark", "method.reward": "test-topic", "method.samples_per_round": 2,
+        "method.train_steps": 2, "method.max_new_tokens": 4, "method.n_quantiles": 2, "training.max_steps": 2,
+        "training.per_device_train_batch_size": 2}))
+    cuts = [json.loads((out / f"cuts{r}.json").read_text()) for r in (0, 1)]
+    assert cuts[0] == cuts[1]
+    assert [sorted(c) for c in cuts[0]] == [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert max(r0[k].abs().max().item() for k in r0 if "lora_B" in k) > 100 * WEIGHT_ATOL  # it trained
+    rows = _rows(out)
+    assert [r["pool"] for r in rows] == [4, 8]  # rank 0 alone writes: 2 records
+    assert all(r["kl"] >= 0 and r["nll"] > 0 for r in rows)
+    assert (out / "model" / "quark.json").is_file()
+    assert json.loads((out / "train_summary.json").read_text())["num_processes"] == 2
+
+
+GRPO_SCRIPT = RL_COMMON + """
+import json, sys
+from safetensors.torch import save_file
+import safeft.methods.grpo as grpo
+from safeft.engine.run import process_state
+
+@register_reward("test-topic-len")  # GRPO needs spread within a group: + length / 1000 (< 0.5)
+def _topic_len():
+    return lambda prompts, responses: torch.tensor([float(p.split()[-1].rstrip(".")) + min(len(r), 400) / 1000
+                                                    for p, r in zip(prompts, responses)])
+
+tails = []  # (group mean rewards, kept groups) of each generation batch, on this rank
+_tail = grpo.tail_indices
+def _record(groups, k):
+    kept = _tail(groups, k)
+    tails.append((groups.tolist(), kept.tolist()))
+    return kept
+grpo.tail_indices = _record
+summary, weights = train_tiny(sys.argv[1], sys.argv[2], sys.argv[3], **json.loads(sys.argv[4]))
+rank = process_state().process_index
+save_file(weights, f"{sys.argv[3]}/rank{rank}.safetensors")
+open(f"{sys.argv[3]}/tails{rank}.json", "w").write(json.dumps([tails, summary["kept_prompts_by_generation"]]))
+"""
+
+
+def test_ra_grpo_two_processes_take_the_tail_over_all_groups(tmp_path, tiny_model_dir):
+    """One generation batch of 4 prompts × G = 2 over 2 processes (each scores 2 prompts' 4
+    completions): both ranks rank the same 4 group means (topic number + length/1000 < 0.5)
+    and keep the 2 worst (α = 0.5), not 1 worst per process; the weights stay bit-identical
+    across ranks."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(4)) + "\n")
+    out = tmp_path / "ra-grpo"
+    _launch_script(tmp_path, GRPO_SCRIPT, str(tiny_model_dir), str(prompts), str(out), json.dumps({
+        "method.name": "ra-grpo", "method.reward": "test-topic-len", "method.num_generations": 2,
+        "method.steps_per_generation": 2, "method.max_new_tokens": 4, "method.n_warmup": 0, "method.alpha": 0.5,
+        "method.rho": 0.5, "training.per_device_train_batch_size": 2, "training.max_steps": 2}))
+    (t0, kept0), (t1, kept1) = (json.loads((out / f"tails{r}.json").read_text()) for r in (0, 1))
+    assert t0 == t1 and kept0 == kept1 == [2]
+    (groups, kept), = t0
+    assert [int(g) for g in sorted(groups)] == [0, 1, 2, 3]
+    assert sorted(int(groups[i]) for i in kept) == [0, 1]
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert max(r0[k].abs().max().item() for k in r0 if "lora_B" in k) > 100 * WEIGHT_ATOL  # it trained
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "train_summary.json").read_text())["num_processes"] == 2

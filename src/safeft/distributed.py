@@ -50,6 +50,12 @@ def loop_accelerator(method: str):
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
+def rank_seed(seed: int) -> int:
+    """This process's sampling seed: ``seed`` on rank 0 (so one process is unchanged), a
+    distinct stream on every other rank (each samples its own rollouts)."""
+    return seed + 1_000_003 * process_state().process_index
+
+
 def _cat_padded(parts: list[torch.Tensor], value, left: bool) -> torch.Tensor:
     width = max(t.shape[1] for t in parts)
     out = []
@@ -91,7 +97,8 @@ def reduce_stats(stats: dict[str, float], op: str = "sum") -> dict[str, float]:
     if state.num_processes == 1 or not stats:
         return dict(stats)
     t = torch.tensor(list(stats.values()), dtype=torch.float64, device=state.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    dist = torch.distributed
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t = t / state.num_processes
     return dict(zip(stats, t.tolist()))
@@ -119,4 +126,4 @@ def generate_across_processes(model, tokenizer, prompts: list[str], **kwargs) ->
     return list(gather_object(outs))
 
 
-__all__ = ["gather_batches", "generate_across_processes", "loop_accelerator", "reduce_stats"]
+__all__ = ["gather_batches", "generate_across_processes", "loop_accelerator", "rank_seed", "reduce_stats"]

@@ -14,8 +14,15 @@ completions across prompts would mix scales; the filter therefore ranks the *pro
 generation batch by their group's mean reward and keeps the ⌈α′·P⌉ worst prompts (all their
 G completions); the others' completions are masked out of the loss. α′ follows the
 RA-RLHF schedule (:mod:`safeft.rl.cvar`) over the run's optimizer steps. A generation
-batch holds ``per_device_train_batch_size · steps_per_generation / G`` prompts; give it
-several (e.g. batch 4, G 4, ``steps_per_generation`` 4 → 4 prompts) or the tail is trivial.
+batch holds ``per_device_train_batch_size · steps_per_generation · N / G`` prompts (N
+processes); give it several (e.g. batch 4, G 4, ``steps_per_generation`` 4 → 4 prompts) or
+the tail is trivial.
+
+Under N processes (``accelerate launch``) TRL runs the DDP loop: each process generates and
+scores its part of the generation batch (a prompt's G completions may span processes) and
+the rewards are gathered for the group statistics. The ``ra-grpo`` tail is chosen the same
+way, over the gathered rewards of the whole generation batch, and each process then masks
+its own completions; only the main process writes files.
 """
 
 from __future__ import annotations
@@ -25,10 +32,9 @@ import json
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.run import atomic_write_text
-from ..engine.trainer import MetricsCallback
+from ..engine.run import atomic_write_text, process_state
+from ..engine.trainer import MetricsCallback, _save_final_model
 from ..errors import ConfigError
-from ..models import save_model
 from ..rl.cvar import keep_count, tail_indices
 from ..rl.rewards import get_reward
 from . import register
@@ -67,13 +73,15 @@ def _trainer_class(tail):
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
-            rewards = torch.tensor(tail.last_rewards, dtype=torch.float32)
+            local = torch.tensor(tail.last_rewards, dtype=torch.float32, device=self.accelerator.device)
+            rewards = self.accelerator.gather(local).cpu()  # the whole generation batch, in TRL's order
             g = self.num_generations
             groups = rewards.view(-1, g).mean(1)
             k = tail.keep(self.state.global_step, max(self.state.max_steps, 1), groups.numel())
             keep = torch.zeros(groups.numel())
             keep[tail_indices(groups, k)] = 1.0
-            keep = keep.repeat_interleave(g).to(out["completion_mask"].device)
+            start = self.accelerator.process_index * len(local)  # this process's completions
+            keep = keep.repeat_interleave(g)[start : start + len(local)].to(out["completion_mask"].device)
             out["completion_mask"] = out["completion_mask"] * keep[:, None].to(out["completion_mask"].dtype)
             out["num_items_in_batch"] = self.accelerator.gather(out["completion_mask"].sum()).sum()
             tail.kept.append(int(k))
@@ -112,10 +120,11 @@ class GRPO(Method):
         else:
             rows = [{"prompt": f"{p.system_prompt}\n\n{x}" if p.system_prompt else x} for x in prompts]
         spg = p.steps_per_generation or t.gradient_accumulation_steps
-        if (t.per_device_train_batch_size * spg) % p.num_generations:
+        n_proc = process_state().num_processes
+        if (t.per_device_train_batch_size * spg * n_proc) % p.num_generations:
             raise ConfigError(
-                f"per_device_train_batch_size × steps_per_generation ({t.per_device_train_batch_size} × {spg}) "
-                f"must be a multiple of num_generations ({p.num_generations})",
+                f"per_device_train_batch_size × steps_per_generation × processes ({t.per_device_train_batch_size} × "
+                f"{spg} × {n_proc}) must be a multiple of num_generations ({p.num_generations})",
                 field="method.num_generations",
             )
         reward = get_reward(p.reward, **p.reward_options)
@@ -144,16 +153,18 @@ class GRPO(Method):
             processing_class=run.tokenizer, callbacks=[MetricsCallback(run.output_dir / "metrics.jsonl")],
         )
         result = trainer.train()
-        save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)
+        _save_final_model(trainer, run)  # rank 0, atomically; gathered first under FSDP / DeepSpeed
         summary = {
             "method": self.name,
             "global_step": trainer.state.global_step,
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
+            "num_processes": n_proc,
         }
         if tail is not None:
             summary["kept_prompts_by_generation"] = tail.kept
-        atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+        if trainer.is_world_process_zero():
+            atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
         return summary
 
 

@@ -21,6 +21,14 @@ Reading chosen: the reward tokens are plain-text prefixes (``<|reward_k|>`` foll
 space) rather than new vocabulary entries, so LoRA needs no embedding changes; the prefix
 the trained model expects is saved in ``model/quark.json`` and must be put before every
 prompt at generation time (``safeft.methods.quark.control_prefix``).
+
+Under N processes (``accelerate launch``, DDP) ``samples_per_round`` and
+``training.per_device_train_batch_size`` are per process: each round samples N·S prompts
+(the same seeded draw on every rank), process i generates and scores the i-th block, and the
+samples of all ranks are gathered into the pool, so every rank holds the same pool and cuts
+the same reward quantiles. Each gradient step draws one global mini-batch of N·b pool
+samples, split across the ranks; a rank's loss is its tokens' sum over the mini-batch's
+token count, times N, so DDP's averaged gradient is the single-process one.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import random
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..distributed import gather_batches, loop_accelerator, rank_seed, reduce_stats
 from ..engine.run import append_jsonl, atomic_write_text
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import frozen_copy, is_peft, reference_mode, save_model, unwrap
 from ..rl.ppo import Episodes, generate_episodes
 from ..rl.rewards import get_reward
@@ -81,14 +90,18 @@ def quantize(rewards: list[float], n_quantiles: int) -> list[int]:
 
 
 def quark_loss(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-               kl_coef: float, entropy_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-averaged NLL + β·KL(p₀ ‖ p_θ) − α·H(p_θ) (Lu et al. eq. 2) over ``mask``."""
+               kl_coef: float, entropy_coef: float, n_tokens=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-averaged NLL + β·KL(p₀ ‖ p_θ) − α·H(p_θ) (Lu et al. eq. 2) over ``mask``.
+
+    ``n_tokens``: the denominator instead of ``mask.sum()`` (the whole mini-batch's token
+    count when ``mask`` is one process's part of it).
+    """
     logp = torch.log_softmax(logits.float(), -1)
     ref_logp = torch.log_softmax(ref_logits.float(), -1)
     nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     ent = -(logp.exp() * logp).sum(-1)
-    n = mask.sum().clamp(min=1)
+    n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
     parts = {name: (v * mask).sum() / n for name, v in (("nll", nll), ("kl", kl), ("entropy", ent))}
     loss = parts["nll"] + kl_coef * parts["kl"] - entropy_coef * parts["entropy"]
     return loss, {k: v.item() for k, v in parts.items()}
@@ -132,27 +145,43 @@ class Quark(Method):
             raise ConfigError("quark cannot resume yet; start a new run", field="resume")
         if t.max_steps <= 0:
             raise ConfigError("quark needs training.max_steps (the number of rounds)", field="training.max_steps")
+        acc = loop_accelerator(self.name)
+        n_proc, rank = acc.num_processes, acc.process_index
         prompts = load_prompts(run.cfg)
+        if len(prompts) < n_proc:
+            raise DataError(f"{len(prompts)} prompts for {n_proc} processes: each needs at least one",
+                            field="data.train")
         self.reward = get_reward(p.reward, **p.reward_options)
         model, tok = run.model, run.tokenizer
+        model.to(acc.device)
         ref = None if is_peft(model) else frozen_copy(model)
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.learning_rate)
-        rng = random.Random(t.seed)
-        pool: list[dict] = []  # prompt, response ids (1-D, unpadded), reward
+        # gradient steps go through train_model (DDP under N processes); sampling and p₀ use model
+        train_model, opt = acc.prepare(model, opt)
+        rng = random.Random(t.seed)  # the same draws on every process
+        pool: list[dict] = []  # prompt, response ids (1-D, unpadded), reward; the same on every rank
         bs = t.per_device_train_batch_size
         stats: dict = {}
         for rnd in range(t.max_steps):
-            torch.manual_seed(t.seed * 100_003 + rnd)
-            batch = rng.sample(prompts, min(p.samples_per_round, len(prompts)))
-            ep, scores = self._sample(batch, None if rnd == 0 else p.n_quantiles)
-            for i, x in enumerate(batch):
-                n = int(ep.response_mask[i].sum())
-                pool.append({"prompt": x, "ids": ep.response_ids[i, :n].clone(), "reward": float(scores[i])})
+            torch.manual_seed(rank_seed(t.seed * 100_003 + rnd))
+            batch = rng.sample(prompts, min(p.samples_per_round * n_proc, len(prompts)))
+            with acc.split_between_processes(batch) as mine:
+                ep, scores = self._sample(mine, None if rnd == 0 else p.n_quantiles)
+                lengths = ep.response_mask.sum(1).tolist()
+                new = gather_batches({
+                    "prompt": list(mine), "reward": scores.tolist(),
+                    "ids": [ep.response_ids[i, : int(n)].clone() for i, n in enumerate(lengths)]})
+            pool.extend({"prompt": x, "ids": ids, "reward": r}
+                        for x, ids, r in zip(new["prompt"], new["ids"], new["reward"]))
             quantiles = quantize([e["reward"] for e in pool], p.n_quantiles)
             model.train()
-            acc: dict[str, list[float]] = {}
+            sums: dict[str, float] = {}
             for _ in range(p.train_steps):
-                idx = rng.sample(range(len(pool)), min(bs, len(pool)))
+                drawn = rng.sample(range(len(pool)), min(bs * n_proc, len(pool)))
+                n_tokens = max(1, sum(len(pool[i]["ids"]) for i in drawn))
+                idx, weight = drawn[rank * bs : (rank + 1) * bs], 1.0
+                if not idx:  # fewer samples than ranks: a zero-weighted pass keeps DDP's all-reduce
+                    idx, weight = drawn[:1], 0.0
                 items = [pool[i] for i in idx]
                 width = max(len(e["ids"]) for e in items)
                 pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -162,7 +191,7 @@ class Quark(Method):
                     r_ids[j, : len(e["ids"])] = e["ids"]
                     r_mask[j, : len(e["ids"])] = 1
                 cond = [control_prefix(quantiles[i]) + pool[i]["prompt"] for i in idx]
-                logits = _response_logits(model, tok, cond, r_ids, r_mask, p.max_prompt_length)
+                logits = _response_logits(train_model, tok, cond, r_ids, r_mask, p.max_prompt_length)
                 with torch.no_grad():
                     raw = [e["prompt"] for e in items]
                     if ref is None:
@@ -171,26 +200,31 @@ class Quark(Method):
                     else:
                         ref_logits = _response_logits(ref, tok, raw, r_ids, r_mask, p.max_prompt_length)
                 dev = logits.device
-                loss, st = quark_loss(logits, ref_logits, r_ids.to(dev), r_mask.to(dev).float(), p.kl_coef, p.entropy_coef)
+                loss, st = quark_loss(logits, ref_logits, r_ids.to(dev), r_mask.to(dev).float(), p.kl_coef,
+                                      p.entropy_coef, n_tokens=n_tokens)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                acc.backward(loss * (weight * n_proc))  # DDP averages over ranks; the shares sum
                 if t.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], t.max_grad_norm)
+                    acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], t.max_grad_norm)
                 opt.step()
                 for k, v in st.items():
-                    acc.setdefault(k, []).append(v)
-            stats = {"round": rnd + 1, "reward_mean": scores.mean().item(), "pool": len(pool),
-                     **{k: sum(v) / len(v) for k, v in acc.items()}}
-            append_jsonl(run.output_dir / "metrics.jsonl", stats)
-            log.info("quark round %d/%d: sampled reward %.3f, pool %d", rnd + 1, t.max_steps, stats["reward_mean"], len(pool))
-        out = save_model(model, tok, run.output_dir / "model", merge=run.cfg.model.lora.merge)
-        atomic_write_text(out / "quark.json", json.dumps({"control_prefix": control_prefix(p.n_quantiles),
-                                                          "n_quantiles": p.n_quantiles}))
+                    sums[k] = sums.get(k, 0.0) + weight * v
+            stats = {"round": rnd + 1, "reward_mean": sum(new["reward"]) / len(new["reward"]), "pool": len(pool),
+                     **{k: v / p.train_steps for k, v in reduce_stats(sums, "sum").items()}}
+            if acc.is_main_process:
+                append_jsonl(run.output_dir / "metrics.jsonl", stats)
+                log.info("quark round %d/%d: sampled reward %.3f, pool %d", rnd + 1, t.max_steps,
+                         stats["reward_mean"], len(pool))
         summary = {"method": self.name, "global_step": t.max_steps,
                    "train_loss": stats.get("nll", 0.0) + p.kl_coef * stats.get("kl", 0.0)
                    - p.entropy_coef * stats.get("entropy", 0.0),
-                   "control_prefix": control_prefix(p.n_quantiles), "pool": len(pool)}
-        atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+                   "control_prefix": control_prefix(p.n_quantiles), "pool": len(pool), "num_processes": n_proc}
+        if acc.is_main_process:
+            out = save_model(model, tok, run.output_dir / "model", merge=run.cfg.model.lora.merge)
+            atomic_write_text(out / "quark.json", json.dumps({"control_prefix": control_prefix(p.n_quantiles),
+                                                              "n_quantiles": p.n_quantiles}))
+            atomic_write_text(run.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
         return summary
 
 

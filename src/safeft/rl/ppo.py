@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..distributed import gather_batches, loop_accelerator, reduce_stats
+from ..distributed import gather_batches, loop_accelerator, rank_seed, reduce_stats
 from ..models import frozen_copy, is_peft, reference_mode, unwrap
 from .cvar import tail_indices
 from .rewards import Reward
@@ -312,10 +312,6 @@ def response_forward(model, q_ids, q_mask, r_ids, r_mask, *, temperature: float 
 
 # ---------------------------------------------------------------- the loop
 
-# a process's sampling stream: seed·100003 + iteration + rank·_RANK_STREAM (rank 0: as one process)
-_RANK_STREAM = 1_000_003
-
-
 class PPOTrainer:
     """One PPO iteration per :meth:`step`: rollout, score, shape, GAE, clipped updates, KL control.
 
@@ -383,7 +379,7 @@ class PPOTrainer:
         """One iteration on ``prompts`` (this process's b episodes; N·b over all processes);
         the update uses the ``keep`` lowest returns of all N·b."""
         p = self.p
-        torch.manual_seed(self.seed * 100_003 + self.iteration + _RANK_STREAM * self.acc.process_index)
+        torch.manual_seed(rank_seed(self.seed * 100_003 + self.iteration))
         t0 = time.perf_counter()
         ep = generate_episodes(
             self.model, self.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
