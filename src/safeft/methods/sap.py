@@ -269,8 +269,12 @@ class SAP(Method):
 
     @staticmethod
     def _ce_sum(model, batch, pos) -> torch.Tensor:
-        logits, _ = losses.response_logits(model, batch, pos)
-        return F.cross_entropy(logits, pos.targets, reduction="sum")
+        """Token-summed CE through the chunked LM head (as SFT computes it: no [N, vocab] tensor)."""
+        hidden, _ = losses.position_hidden(model, batch, pos)
+        targets = pos.targets
+        total, _ = losses.chunked_loss(
+            model, hidden, lambda logits, s, e: (F.cross_entropy(logits, targets[s:e], reduction="sum"), {}))
+        return total
 
     def _safety_gradient(self, model, device) -> tuple[list[torch.Tensor], dict]:
         """∇_W L_safety on a fresh safety batch; L_safety = L(D_safe) − L(D_harmful) (Def. 3.1)."""
@@ -278,14 +282,24 @@ class SAP(Method):
         safe, harm = self._safe_sampler.take(n), self._harm_sampler.take(n)
         batch = {k: v.to(device) for k, v in self._collate(safe + harm).items()}
         pos = losses.response_positions(batch["labels"])
-        logits, _ = losses.response_logits(model, batch, pos)
-        ce = F.cross_entropy(logits, pos.targets, reduction="none")
+        hidden, _ = losses.position_hidden(model, batch, pos)
         from_safe = pos.mask.nonzero()[:, 0] < len(safe)
-        l_safe, l_harm = ce[from_safe].mean(), ce[~from_safe].mean()
+        n_safe, n_harm = int(from_safe.sum()), int((~from_safe).sum())
+        # L(D_safe) − L(D_harmful) as one weighted token sum: +1/n_safe, −1/n_harm per token
+        weight = torch.where(from_safe, 1.0 / max(n_safe, 1), -1.0 / max(n_harm, 1)).to(hidden.device)
+        targets = pos.targets
+
+        def fn(logits, s, e):
+            ce = F.cross_entropy(logits, targets[s:e], reduction="none")
+            safe = from_safe[s:e]
+            return (ce * weight[s:e]).sum(), {"safe": ce[safe].sum().detach(), "harm": ce[~safe].sum().detach()}
+
+        l_safety, stats = losses.chunked_loss(model, hidden, fn)
         params = self._trainable(model)
-        grads = torch.autograd.grad(l_safe - l_harm, params, allow_unused=True)
+        grads = torch.autograd.grad(l_safety, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        m = {"nll_safe": l_safe.item(), "nll_harmful": l_harm.item(), "l_safety": (l_safe - l_harm).item()}
+        l_safe, l_harm = stats["safe"] / max(n_safe, 1), stats["harm"] / max(n_harm, 1)
+        m = {"nll_safe": l_safe, "nll_harmful": l_harm, "l_safety": l_safe - l_harm}
         return grads, m
 
     def _compute_delta(self, model, device) -> dict:
