@@ -134,7 +134,7 @@ def test_an_entry_can_run_at_its_own_poison_ratios(tiny_model_dir, shared_data, 
     exp = Experiment(cfg, progress=False)
     assert exp.ratios == [0.0, 0.25]
     tuned = [j.path.name for j in exp.jobs() if j.kind == "finetune"]
-    assert tuned == ["sft_p0_s0", "sft_p0.25_s0", "kl-decay_p0.25_s0"]
+    assert tuned == ["sft_p0.25_s0", "kl-decay_p0.25_s0", "sft_p0_s0"]  # the most poisoned row first
     with pytest.raises(ConfigError, match=r"finetune.methods.0.poison_ratios"):
         load_experiment(None, {"finetune.methods": [{"name": "sft", "poison_ratios": [2]}]}, base=base)
 

@@ -374,7 +374,9 @@ class Experiment:
         out.append(Job("eval", "eval · aligned", ev_w, self.out / "baselines" / "aligned",
                        self._eval_key(self._align_key()), {"model": "aligned", "method": "aligned"}))
         out.append(Job("data", "data", 2.0 + 0.05 * self._n_harmful(), self.out / "data", self._data_key()))
-        for ratio in self.ratios:
+        # the most poisoned row first: it carries the comparison between methods, so a grid
+        # stopped early has its headline row; the clean and milder rows follow
+        for ratio in sorted(self.ratios, reverse=True):
             for seed in c.finetune.seeds:
                 for m in self.methods:
                     if ratio not in entry_ratios(m, c.finetune):
