@@ -299,17 +299,23 @@ open(f"{sys.argv[3]}/cuts{rank}.json", "w").write(json.dumps(cuts))
 """
 
 
+def _launch_on_topics(tmp_path, script: str, model_dir, name: str, overrides: dict):
+    """Run ``script`` on 2 processes over the prompts "Tell me about topic 0..3."; its output dir."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(4)) + "\n")
+    out = tmp_path / name
+    _launch_script(tmp_path, script, str(model_dir), str(prompts), str(out), json.dumps(overrides))
+    return out
+
+
 def test_quark_two_processes_cut_quantiles_over_all_samples(tmp_path, tiny_model_dir):
     """Each rank samples 2 of the 4 prompts a round, yet both cut the reward quantiles over
     the same pool of all 4 per round (reward = topic number, so the pool's rewards are known
     exactly), and the weights stay bit-identical across ranks."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(4)) + "\n")
-    out = tmp_path / "quark"
-    _launch_script(tmp_path, QUARK_SCRIPT, str(tiny_model_dir), str(prompts), str(out), json.dumps({
+    out = _launch_on_topics(tmp_path, QUARK_SCRIPT, tiny_model_dir, "quark", {
         "method.name": "quark", "method.reward": "test-topic", "method.samples_per_round": 2,
         "method.train_steps": 2, "method.max_new_tokens": 4, "method.n_quantiles": 2, "training.max_steps": 2,
-        "training.per_device_train_batch_size": 2}))
+        "training.per_device_train_batch_size": 2})
     cuts = [json.loads((out / f"cuts{r}.json").read_text()) for r in (0, 1)]
     assert cuts[0] == cuts[1]
     assert [sorted(c) for c in cuts[0]] == [[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
@@ -353,13 +359,10 @@ def test_ra_grpo_two_processes_take_the_tail_over_all_groups(tmp_path, tiny_mode
     completions): both ranks rank the same 4 group means (topic number + length/1000 < 0.5)
     and keep the 2 worst (α = 0.5), not 1 worst per process; the weights stay bit-identical
     across ranks."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(f"Tell me about topic {i}." for i in range(4)) + "\n")
-    out = tmp_path / "ra-grpo"
-    _launch_script(tmp_path, GRPO_SCRIPT, str(tiny_model_dir), str(prompts), str(out), json.dumps({
+    out = _launch_on_topics(tmp_path, GRPO_SCRIPT, tiny_model_dir, "ra-grpo", {
         "method.name": "ra-grpo", "method.reward": "test-topic-len", "method.num_generations": 2,
         "method.steps_per_generation": 2, "method.max_new_tokens": 4, "method.n_warmup": 0, "method.alpha": 0.5,
-        "method.rho": 0.5, "training.per_device_train_batch_size": 2, "training.max_steps": 2}))
+        "method.rho": 0.5, "training.per_device_train_batch_size": 2, "training.max_steps": 2})
     (t0, kept0), (t1, kept1) = (json.loads((out / f"tails{r}.json").read_text()) for r in (0, 1))
     assert t0 == t1 and kept0 == kept1 == [2]
     (groups, kept), = t0
