@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -57,7 +60,26 @@ def process_state():
     import torch
     from accelerate.state import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1:
+        _register_teardown()
+    return state
+
+
+@functools.cache
+def _register_teardown() -> None:
+    atexit.register(_close_process_group)
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter
+    shutdown, gloo's worker threads can be destroyed while still joinable, and the
+    process aborts ("terminate called without an active exception", SIGABRT) after its
+    work is done, failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def prepare_output_dir(cfg: RunConfig) -> Path:
