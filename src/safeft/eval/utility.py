@@ -177,15 +177,19 @@ def pubmedqa_loglik(model, tokenizer, rows: list[dict], *, batch_size: int = 8,
                     max_length: int = 1024) -> tuple[dict, list[dict]]:
     """Accuracy of argmax over options of log P(option | prompt) (options as the assistant's
     first word, capitalised as in safeft's training format)."""
-    texts, prefix_lens, prefixes, option_ids = _pubmedqa_options(tokenizer, rows, max_length)
+    options = _pubmedqa_options(tokenizer, rows, max_length)
+    return _pubmedqa_scored(rows, _options_nll(model, tokenizer, options, batch_size, max_length))
+
+
+def _options_nll(model, tokenizer, options, batch_size: int, max_length: int) -> list[float]:
+    texts, prefix_lens, prefixes, option_ids = options
     if all(t is not None for t in option_ids):
         # every option is one token after its prefix: one forward per question scores all
         # three from the same next-token distribution (3x cheaper, exactly the same numbers)
-        nll = _next_token_nll(model, tokenizer, prefixes, option_ids, batch_size, max_length)
-    else:
-        nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
-                              max_length=max_length)
-    return _pubmedqa_scored(rows, nll)
+        return _next_token_nll(model, tokenizer, prefixes, option_ids, batch_size, max_length)
+    nll, _ = sequence_nll(model, tokenizer, texts, prefix_lens=prefix_lens, batch_size=batch_size,
+                          max_length=max_length)
+    return nll
 
 
 def pubmedqa(model, tokenizer, rows: list[dict], *, batch_size: int = 8, max_new_tokens: int = 16,
@@ -196,7 +200,8 @@ def pubmedqa(model, tokenizer, rows: list[dict], *, batch_size: int = 8, max_new
     the log-likelihoods are read off the first step of the greedy generation: one prefill of
     the long abstract serves both metrics, instead of one for each.
     """
-    _, _, _, option_ids = _pubmedqa_options(tokenizer, rows, max_length)
+    options = _pubmedqa_options(tokenizer, rows, max_length)
+    option_ids = options[3]
     shared = all(t is not None for t in option_ids) and all(
         option_ids[3 * i: 3 * i + 3] == option_ids[:3] for i in range(len(rows)))
     prompts = [r["prompt"] for r in rows]
@@ -205,7 +210,7 @@ def pubmedqa(model, tokenizer, rows: list[dict], *, batch_size: int = 8, max_new
                                 seed=seed, max_prompt_tokens=max_length - 1, score_token_ids=option_ids[:3])
         loglik, loglik_details = _pubmedqa_scored(rows, [-x for row in scores for x in row])
     else:
-        loglik, loglik_details = pubmedqa_loglik(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
+        loglik, loglik_details = _pubmedqa_scored(rows, _options_nll(model, tokenizer, options, batch_size, max_length))
         gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     preds = [parse_pubmedqa(g) for g in gens]
     gen = wilson(sum(p == r["label"] for p, r in zip(preds, rows)), len(rows))
