@@ -9,7 +9,6 @@ statistics that must be global computed on the gathered batch.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -17,22 +16,24 @@ import torch
 from .engine.run import process_state
 from .errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 _SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
             "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
-def loop_accelerator(method: str):
+def loop_accelerator(method: str, *, bf16: bool = False):
     """The ``accelerate.Accelerator`` of a method with its own loop: one process, or DDP over
-    N (gloo on CPU-only hosts), computing in the model's dtype.
+    N (gloo on CPU-only hosts).
 
     Such a loop generates with the whole policy between updates, so sharded parameters
-    (FSDP, DeepSpeed ZeRO, Megatron) are refused with a one-line error. The launch config's
-    ``mixed_precision`` is not applied (a warning says so): the rollout's log-probs and the
-    update's must come from the same arithmetic, so the loop runs in ``model.dtype``. As
-    transformers' ``TrainingArguments`` does, the accelerator state left by an earlier run in
-    this process is reset first (the process group, ``PartialState``, is kept).
+    (FSDP, DeepSpeed ZeRO, Megatron) are refused with a one-line error. Mixed precision is the
+    launch config's ``mixed_precision`` (``ACCELERATE_MIXED_PRECISION``), else bf16 when
+    ``bf16`` (``training.bf16``) is set: the loop runs every forward pass (generation, the
+    rollout's log-probs, the reference and value passes, the update) inside the
+    accelerator's ``autocast``, so the rollout's log-probs and the update's come from the
+    same arithmetic. fp16 needs a GPU (accelerate applies no fp16 autocast on a CPU) and is
+    refused on a CPU-only host. As transformers' ``TrainingArguments`` does, the accelerator
+    state left by an earlier run in this process is reset first (the process group,
+    ``PartialState``, is kept).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -43,11 +44,17 @@ def loop_accelerator(method: str):
                               f"{name} is not supported: launch it without that accelerate config",
                               field="--accelerate-config")
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if mp != "no":
-        log.warning("%s ignores mixed_precision=%s from the accelerate config; it runs in model.dtype", method, mp)
+    if mp == "no" and bf16:
+        mp = "bf16"
+    if mp not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"{method} supports mixed_precision no, bf16 or fp16, not {mp!r}",
+                          field="--accelerate-config")
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(f"{method}: fp16 mixed precision needs a GPU (accelerate applies no fp16 autocast "
+                          "on a CPU); use bf16", field="--accelerate-config")
     process_state()  # gloo on CPU-only hosts, as the Trainer does
     AcceleratorState._reset_state()
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp)
 
 
 def rank_seed(seed: int) -> int:

@@ -11,6 +11,7 @@ import struct
 import zipfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -55,14 +56,15 @@ class MetricsCallback(TrainerCallback):
             append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
-class InterruptCallback(TrainerCallback):
-    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop.
+class InterruptFlag:
+    """Ctrl-C (SIGINT) or SIGTERM: a flag that the training loop reads at a step boundary.
 
-    The handler only sets a flag; at the end of each optimizer step the flag is OR-reduced
-    across processes (a signal may reach the ranks a step apart, and a rank that stopped
-    alone would leave the others waiting in an all-reduce), then ``should_save`` and
-    ``should_training_stop`` are set together, so every rank saves the same step. A second
-    Ctrl-C more than 2 s later aborts at once (the last completed checkpoint stays usable).
+    The handler only sets the flag; the loop asks :meth:`any_rank` at the end of each step,
+    which OR-reduces it across processes (a signal may reach the ranks a step apart, and a
+    rank that stopped alone would leave the others waiting in an all-reduce), so every rank
+    saves the same step and stops. A second Ctrl-C more than 2 s later aborts at once (the
+    last completed checkpoint stays usable). Used by :class:`InterruptCallback` (the Trainer)
+    and, as a context manager, by the methods with their own loop.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,7 +72,6 @@ class InterruptCallback(TrainerCallback):
     def __init__(self):
         self.flag = False
         self._first = 0.0
-        self.interrupted = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
@@ -87,30 +88,62 @@ class InterruptCallback(TrainerCallback):
         log.warning("%s received: saving a checkpoint after this step, then stopping "
                     "(Ctrl-C again to abort now)", signal.Signals(signum).name)
 
-    def on_train_begin(self, args, state, control, **kw):
+    def install(self) -> None:
         import threading
 
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
 
-    def on_train_end(self, args, state, control, **kw):
+    def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
 
-    def _any_rank(self, args) -> bool:
-        if args.world_size <= 1 or not torch.distributed.is_initialized():
+    def __enter__(self) -> InterruptFlag:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def any_rank(self, device) -> bool:
+        """Whether any process has been signalled (a collective under N processes)."""
+        dist = torch.distributed
+        if not dist.is_initialized() or dist.get_world_size() <= 1:
             return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=args.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM (:class:`InterruptFlag`): finish the current step, save a
+    checkpoint, stop. ``should_save`` and ``should_training_stop`` are set together, so every
+    rank saves the same step."""
+
+    def __init__(self):
+        self.signals = InterruptFlag()
+        self.interrupted = False
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.signals.install()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.signals.restore()
+
     def on_step_end(self, args, state, control, **kw):
-        if self._any_rank(args):
+        if self.signals.any_rank(args.device):
             self.interrupted = True
             control.should_save = True
             control.should_training_stop = True
+
+
+def stop_interrupted(step: int, checkpoint) -> None:
+    """After an interrupted run saved ``checkpoint``: say how to continue, then raise
+    ``KeyboardInterrupt`` (the CLI prints ``safeft: interrupted`` and exits 130)."""
+    log.warning("stopped at step %d; checkpoint %s; continue with --resume (same output dir)", step, checkpoint)
+    raise KeyboardInterrupt
 
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -165,8 +198,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def last_good_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint in ``folder`` that passes :func:`checkpoint_problem`.
+def last_good_checkpoint(folder: Path, extra_check: Callable[[Path], str | None] | None = None) -> str | None:
+    """The newest checkpoint in ``folder`` that passes :func:`checkpoint_problem` (and
+    ``extra_check``: what a checkpoint needs beyond the Trainer's files, e.g.
+    :func:`safeft.engine.loop_checkpoints.loop_checkpoint_problem`).
 
     Newer, broken ones (a kill during a save, a full disk) are skipped with a warning naming
     what is wrong; the main process renames them ``broken-checkpoint-N`` (outside the
@@ -181,7 +216,7 @@ def last_good_checkpoint(folder: Path) -> str | None:
     )
     main = process_state().is_main_process
     for _, ckpt in found:
-        problem = checkpoint_problem(ckpt)
+        problem = checkpoint_problem(ckpt) or (extra_check(ckpt) if extra_check else None)
         if problem is None:
             return str(ckpt)
         log.warning("checkpoint %s is incomplete or corrupt (%s); falling back to the previous one",
@@ -264,6 +299,23 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
+def resume_checkpoint(run: Run, extra_check: Callable[[Path], str | None] | None = None) -> str | None:
+    """With ``resume`` set: the newest usable checkpoint in ``output_dir/checkpoints`` (see
+    :func:`last_good_checkpoint`), with ``metrics.jsonl`` trimmed to its step (to nothing when
+    none is usable and training starts over), so no step is logged twice. None otherwise."""
+    if not run.cfg.resume:
+        return None
+    ckpt = last_good_checkpoint(run.output_dir / "checkpoints", extra_check)
+    step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"] if ckpt else 0
+    if process_state().is_main_process:
+        _trim_metrics(run.output_dir / "metrics.jsonl", step)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    else:
+        log.info("no usable checkpoint in %s; starting from the beginning", run.output_dir / "checkpoints")
+    return ckpt
+
+
 def build_trainer(run: Run, method, callbacks=(), **arg_overrides) -> SafeftTrainer:
     args = training_arguments(run, **arg_overrides)
     collator = Collator(run.tokenizer.pad_token_id)
@@ -313,23 +365,12 @@ def fit(run: Run, method, callbacks=()) -> dict:
     """Train with ``method``'s loss; returns the summary also written to train_summary.json."""
     interrupt = InterruptCallback()
     trainer = build_trainer(run, method, [*callbacks, interrupt])
-    resume_from = None
-    if run.cfg.resume:
-        resume_from = last_good_checkpoint(run.output_dir / "checkpoints")
-        if resume_from:
-            state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-            if trainer.is_world_process_zero():
-                _trim_metrics(run.output_dir / "metrics.jsonl", state["global_step"])
-            log.info("resuming from %s", resume_from)
-        else:
-            log.info("no usable checkpoint in %s; starting from the beginning", run.output_dir / "checkpoints")
+    resume_from = resume_checkpoint(run)
     method.prepare(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.interrupted:
         ckpt = last_good_checkpoint(run.output_dir / "checkpoints")
-        log.warning("stopped at step %d; checkpoint %s; continue with --resume (same output dir)",
-                    trainer.state.global_step, ckpt)
-        raise KeyboardInterrupt
+        stop_interrupted(trainer.state.global_step, ckpt)
     _save_final_model(trainer, run)
     summary = {
         "method": method.name,

@@ -23,6 +23,15 @@ scores its part of the generation batch (a prompt's G completions may span proce
 the rewards are gathered for the group statistics. The ``ra-grpo`` tail is chosen the same
 way, over the gathered rewards of the whole generation batch, and each process then masks
 its own completions; only the main process writes files.
+
+Checkpoints and ``--resume`` are the Trainer's (``output_dir/checkpoints``, at
+``training.save_strategy`` / ``save_steps``, rotated to ``save_total_limit``), with safeft's
+checks: the newest usable checkpoint is resumed, broken ones are moved aside,
+``metrics.jsonl`` is trimmed, and Ctrl-C / SIGTERM saves after the current step and stops
+(exit 130). Resume is exact when every checkpoint falls on a generation boundary (the
+default ``steps_per_generation`` = ``gradient_accumulation_steps`` generates once per
+optimizer step); a checkpoint inside a generation batch resumes by sampling that batch
+anew. ``ra-grpo``'s ``kept_prompts_by_generation`` lists the generations since the last start.
 """
 
 from __future__ import annotations
@@ -33,7 +42,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.run import atomic_write_text, process_state
-from ..engine.trainer import MetricsCallback, _save_final_model
+from ..engine.trainer import (
+    InterruptCallback, MetricsCallback, _save_final_model, last_good_checkpoint, resume_checkpoint, stop_interrupted,
+)
 from ..errors import ConfigError
 from ..rl.cvar import keep_count, tail_indices
 from ..rl.rewards import get_reward
@@ -111,8 +122,6 @@ class GRPO(Method):
         from trl import GRPOConfig
 
         run, p, t = self.run, self.params, self.run.cfg.training
-        if run.cfg.resume:
-            raise ConfigError(f"{self.name} cannot resume yet; start a new run", field="resume")
         prompts = load_prompts(run.cfg)
         if p.chat:
             sys_msg = [{"role": "system", "content": p.system_prompt}] if p.system_prompt else []
@@ -143,16 +152,22 @@ class GRPO(Method):
             num_train_epochs=t.num_train_epochs, per_device_train_batch_size=t.per_device_train_batch_size,
             gradient_accumulation_steps=t.gradient_accumulation_steps, steps_per_generation=spg,
             lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
-            seed=t.seed, logging_steps=t.logging_steps, gradient_checkpointing=t.gradient_checkpointing, save_strategy="no", report_to=t.report_to,
+            seed=t.seed, logging_steps=t.logging_steps, gradient_checkpointing=t.gradient_checkpointing,
+            save_strategy=t.save_strategy, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+            report_to=t.report_to,
             use_cpu=not torch.cuda.is_available(), num_generations=p.num_generations,
             max_completion_length=p.max_new_tokens, beta=p.beta, epsilon=p.epsilon, temperature=p.temperature,
             disable_tqdm=t.disable_tqdm if t.disable_tqdm is not None else True,
         )
+        interrupt = InterruptCallback()
         trainer = _trainer_class(tail)(
             model=run.model, reward_funcs=[safeft_reward], args=args, train_dataset=Dataset.from_list(rows),
-            processing_class=run.tokenizer, callbacks=[MetricsCallback(run.output_dir / "metrics.jsonl")],
+            processing_class=run.tokenizer, callbacks=[MetricsCallback(run.output_dir / "metrics.jsonl"), interrupt],
         )
-        result = trainer.train()
+        resume_from = resume_checkpoint(run)
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        if interrupt.interrupted:
+            stop_interrupted(trainer.state.global_step, last_good_checkpoint(run.output_dir / "checkpoints"))
         _save_final_model(trainer, run)  # rank 0, atomically; gathered first under FSDP / DeepSpeed
         summary = {
             "method": self.name,
@@ -160,6 +175,7 @@ class GRPO(Method):
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "num_processes": n_proc,
+            "resumed_from": resume_from,
         }
         if tail is not None:
             summary["kept_prompts_by_generation"] = tail.kept

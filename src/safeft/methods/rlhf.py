@@ -16,6 +16,13 @@ Under N processes (``accelerate launch`` / ``safeft train --num-processes N``, D
 seeded shuffle, process i rolls out the i-th block of B, and everything after the rollout
 runs on the gathered N·B episodes (:mod:`safeft.rl.ppo`), as one process with batch N·B
 would; only the main process writes files.
+
+Checkpoints (``output_dir/checkpoints/checkpoint-N`` after iteration N, at
+``training.save_strategy``; :mod:`safeft.engine.loop_checkpoints`) hold the trainable
+weights, the value head, the optimizer, the RNG states, the KL coefficient and the prompt
+order, so ``--resume`` continues a killed run exactly; Ctrl-C / SIGTERM saves one after the
+current iteration and stops (exit 130). ``training.bf16`` or an accelerate config's
+``mixed_precision`` runs every forward pass in the accelerator's autocast.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from safetensors.torch import save_file
 
 from ..data import load_rows
 from ..distributed import loop_accelerator
+from ..engine.loop_checkpoints import LoopCheckpoints, epoch_ended, random_state
 from ..engine.run import append_jsonl, atomic_write_text
+from ..engine.trainer import InterruptFlag, stop_interrupted
 from ..errors import ConfigError, DataError
 from ..models import save_model
 from ..rl.ppo import PPOParams, PPOTrainer
@@ -87,31 +96,44 @@ class RLHF(Method):
         )
 
     def train(self) -> dict:
-        run, p = self.run, self.params
-        if run.cfg.resume:
-            raise ConfigError(f"{self.name} cannot resume yet; start a new run", field="resume")
-        acc = loop_accelerator(self.name)
+        run, p, t = self.run, self.params, self.run.cfg.training
+        acc = loop_accelerator(self.name, bf16=t.bf16)
         prompts = load_prompts(run.cfg)
         reward = get_reward(p.reward, **p.reward_options)
         trainer = self.make_trainer(reward, acc)
         b = p.batch_size * acc.num_processes  # the global batch
         total = self.iterations(len(prompts), b)
-        rng = random.Random(run.cfg.training.seed)  # the same order on every process
+        rng = random.Random(t.seed)  # the same order on every process
         order: list[int] = []
         stats: dict = {}
+        start = 0
+        ckpts = LoopCheckpoints(run, acc, self.name, run.model, trainer.optimizer, {"value_head": trainer.value_head})
+        resumed = ckpts.resume()
+        if resumed:
+            state, _ = resumed
+            start, order, stats = state["step"], state["order"], state["stats"]
+            rng.setstate(random_state(state["rng"]))
+            trainer.load_state(state["ppo"])
         metrics = run.output_dir / "metrics.jsonl"
-        for step in range(total):
-            while len(order) < b:
-                fresh = list(range(len(prompts)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            batch, order = [prompts[i] for i in order[:b]], order[b:]
-            with acc.split_between_processes(batch) as mine:
-                stats = trainer.step(mine, keep=self.keep(step, total, b))
-            if acc.is_main_process:
-                append_jsonl(metrics, {"step": step + 1, **stats})
-                log.info("%s iteration %d/%d: reward %.3f, kl %.3f, kept %d, %.1fs", self.name, step + 1, total,
-                         stats["reward_mean"], stats["kl"], stats["kept"], stats["iter_s"])
+        with InterruptFlag() as interrupt:
+            for step in range(start, total):
+                while len(order) < b:
+                    fresh = list(range(len(prompts)))
+                    rng.shuffle(fresh)
+                    order.extend(fresh)
+                batch, order = [prompts[i] for i in order[:b]], order[b:]
+                with acc.split_between_processes(batch) as mine:
+                    stats = trainer.step(mine, keep=self.keep(step, total, b))
+                if acc.is_main_process:
+                    append_jsonl(metrics, {"step": step + 1, **stats})
+                    log.info("%s iteration %d/%d: reward %.3f, kl %.3f, kept %d, %.1fs", self.name, step + 1, total,
+                             stats["reward_mean"], stats["kl"], stats["kept"], stats["iter_s"])
+                stop = interrupt.any_rank(acc.device)
+                if stop or ckpts.due(step + 1, total, epoch_ended(step + 1, b, len(prompts))):
+                    saved = ckpts.save(step + 1, {"order": order, "rng": rng.getstate(), "ppo": trainer.state(),
+                                                  "stats": stats})
+                if stop:
+                    stop_interrupted(step + 1, saved)
         summary = {
             "method": self.name,
             "global_step": total,
@@ -121,6 +143,7 @@ class RLHF(Method):
             "final_kl_coef": trainer.kl_ctl.value,
             "n_prompts": len(prompts),
             "num_processes": acc.num_processes,
+            "resumed_from": ckpts.resumed_from,
         }
         if acc.is_main_process:
             out = save_model(run.model, run.tokenizer, run.output_dir / "model", merge=run.cfg.model.lora.merge)

@@ -38,6 +38,11 @@ of N·``mini_batch_size`` episodes is split across the ranks; a rank's loss is i
 sum divided by the mini-batch's total token count, times N (DDP averages gradients), so the
 all-reduced gradient is the single-process one. The policy and the value head are wrapped by
 ``accelerator.prepare``; generation and the reference pass use the unwrapped model.
+
+Under mixed precision (:func:`safeft.distributed.loop_accelerator`) generation, the old
+log-probs and values, the reference pass and the update's forward all run inside the
+accelerator's autocast, so old and new log-probs come from the same arithmetic: the ratio ρ
+of the first mini-batch (logged as ``ratio_first``, before any update) is 1.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        return self.linear(hidden.float()).squeeze(-1).float()  # float32 also under autocast
 
 
 class AdaptiveKLController:
@@ -189,6 +194,7 @@ def ppo_loss(
         "vf_loss": vf_loss.item(),
         "clipfrac": mean((pg2 > pg1).float()).item(),
         "approx_kl": (0.5 * mean((logprobs - old_logprobs) ** 2)).item(),
+        "ratio": mean(ratio).item(),
     }
     return loss, stats
 
@@ -316,8 +322,10 @@ class PPOTrainer:
     """One PPO iteration per :meth:`step`: rollout, score, shape, GAE, clipped updates, KL control.
 
     ``accelerator``: the run's ``accelerate.Accelerator`` (default: a new one, see
-    :func:`safeft.distributed.loop_accelerator`). Under N processes every rank calls
-    :meth:`step` with its own prompts; see the module doc for what is global.
+    :func:`safeft.distributed.loop_accelerator`); every forward pass runs in its autocast.
+    Under N processes every rank calls :meth:`step` with its own prompts; see the module doc
+    for what is global. What an iteration carries to the next besides the weights and the
+    optimizer is :meth:`state` (for checkpoints).
     """
 
     def __init__(self, model, tokenizer, reward: Reward, params: PPOParams, *, learning_rate: float,
@@ -338,6 +346,13 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(params.init_kl_coef, params.target_kl, params.kl_horizon)
         self.iteration = 0
 
+    def state(self) -> dict:
+        """The iteration counter and the adaptive KL coefficient (JSON-able)."""
+        return {"iteration": self.iteration, "kl_coef": self.kl_ctl.value}
+
+    def load_state(self, state: dict) -> None:
+        self.iteration, self.kl_ctl.value = int(state["iteration"]), float(state["kl_coef"])
+
     def _chunks(self, n: int, size: int):
         for i in range(0, n, size):
             yield torch.arange(i, min(i + size, n))
@@ -348,14 +363,16 @@ class PPOTrainer:
         logps, refs, vals = [], [], []
         self.model.eval()
         for idx in self._chunks(len(ep.prompts), p.forward_batch_size):
-            lp, v = response_forward(self.model, *ep.take(idx), temperature=p.temperature, value_head=self.value_head)
+            with self.acc.autocast():
+                lp, v = response_forward(self.model, *ep.take(idx), temperature=p.temperature,
+                                         value_head=self.value_head)
+                if self.ref_model is None:
+                    with reference_mode(self.model) as ref:
+                        rl, _ = response_forward(ref, *ep.take(idx), temperature=p.temperature)
+                else:
+                    rl, _ = response_forward(self.ref_model, *ep.take(idx), temperature=p.temperature)
             logps.append(lp.cpu())
             vals.append(v.cpu())
-            if self.ref_model is None:
-                with reference_mode(self.model) as ref:
-                    rl, _ = response_forward(ref, *ep.take(idx), temperature=p.temperature)
-            else:
-                rl, _ = response_forward(self.ref_model, *ep.take(idx), temperature=p.temperature)
             refs.append(rl.cpu())
         self.model.train()
         return torch.cat(logps), torch.cat(refs), torch.cat(vals)
@@ -381,11 +398,12 @@ class PPOTrainer:
         p = self.p
         torch.manual_seed(rank_seed(self.seed * 100_003 + self.iteration))
         t0 = time.perf_counter()
-        ep = generate_episodes(
-            self.model, self.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
-            max_prompt_length=p.max_prompt_length, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-            chat=p.chat, system_prompt=p.system_prompt, batch_size=p.forward_batch_size,
-        )
+        with self.acc.autocast():
+            ep = generate_episodes(
+                self.model, self.tokenizer, prompts, max_new_tokens=p.max_new_tokens,
+                max_prompt_length=p.max_prompt_length, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                chat=p.chat, system_prompt=p.system_prompt, batch_size=p.forward_batch_size,
+            )
         t1 = time.perf_counter()
         scores = self.reward(ep.prompts, ep.responses).float().cpu()
         t2 = time.perf_counter()
@@ -426,7 +444,10 @@ class PPOTrainer:
 
     def _update(self, ep, kept, old_logp, old_values, adv, ret, mask) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled mini-batches of the kept episodes (all ranks draw
-        the same order); each global mini-batch of N·``mini_batch_size`` is split across ranks."""
+        the same order); each global mini-batch of N·``mini_batch_size`` is split across ranks.
+        Besides the means over mini-batches, logs ``ratio_first`` and ``ratio_first_max_dev``: the
+        token-mean ρ and max |ρ − 1| of the first mini-batch, before any update (1 and 0 when
+        the rollout's and the update's log-probs come from the same arithmetic)."""
         p, n_proc, rank = self.p, self.acc.num_processes, self.acc.process_index
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.iteration)
         self.model.train()
@@ -440,8 +461,9 @@ class PPOTrainer:
                 idx, weight = batch[rank * p.mini_batch_size : (rank + 1) * p.mini_batch_size], 1.0
                 if len(idx) == 0:  # fewer episodes than ranks: a zero-weighted pass keeps DDP's all-reduce
                     idx, weight = batch[:1], 0.0
-                logp, values = response_forward(self.train_model, *ep.take(idx), temperature=p.temperature,
-                                                value_head=self.train_value_head)
+                with self.acc.autocast():
+                    logp, values = response_forward(self.train_model, *ep.take(idx), temperature=p.temperature,
+                                                    value_head=self.train_value_head)
                 dev = logp.device
                 loss, st = ppo_loss(
                     logp, old_logp[idx].to(dev), values, old_values[idx].to(dev), adv[idx].to(dev),
@@ -456,8 +478,14 @@ class PPOTrainer:
                 self.optimizer.step()
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + weight * v
+                if n_mb == 0:  # before any update of this iteration
+                    dev_ratio = ((logp.detach() - old_logp[idx].to(dev)).exp() - 1).abs() * mask[idx].to(dev)
+                    ratio_first, max_dev = weight * st["ratio"], weight * dev_ratio.max().item()
                 n_mb += 1
-        return {k: v / n_mb for k, v in reduce_stats(sums, "sum").items()}
+        out = {k: v / n_mb for k, v in reduce_stats(sums, "sum").items()}
+        out["ratio_first"] = reduce_stats({"r": ratio_first})["r"]
+        out["ratio_first_max_dev"] = reduce_stats({"d": max_dev}, "max")["d"]
+        return out
 
 
 __all__ = [
