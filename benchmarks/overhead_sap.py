@@ -148,7 +148,7 @@ def profile(data_dir: str, rounds: int) -> dict:
             F.cross_entropy(logits, pos.targets, reduction="sum").backward()
 
         timed("sft_step", sft_step)
-        timed("safety_pass", lambda: sap._compute_delta(model, batch["input_ids"].device))
+        timed("safety_pass", lambda: sap._compute_delta(model, batch["input_ids"].device, batch["input_ids"].numel() // 2))
 
         def probe_pass():
             with sap._perturbed(model):

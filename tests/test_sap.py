@@ -143,12 +143,35 @@ def test_first_step_probe_nonzero_and_gradient_leans_to_safety(aligned, toy_sets
     # ∇L(W, V_safe) − ∇L(W, 0) ≈ βε·M·∇L_safety with M positive semi-definite
     diff = g_sap - g_sft
     assert diff.norm() > 0.05 * g_sft.norm()
-    gs, _ = sap._safety_gradient(model, "cpu")
+    gs, _ = sap._safety_gradient(model, "cpu", TASK_BATCH["input_ids"].numel())
     gs = torch.cat([g.flatten() for g in gs])
     assert F.cosine_similarity(diff, gs, 0) > 0.5
     assert F.cosine_similarity(g_sft, gs, 0) < 0  # the constructed conflict: SFT's step raises L_safety
     # the task loss itself is the plain CE up to the probe's small effect
     assert out.metrics["ce"] == pytest.approx(_nll(model, TASK_BATCH), rel=0.05)
+    sap.remove_hooks()
+
+
+@pytest.mark.parametrize("budget", [10, 40, 10_000])
+def test_safety_gradient_in_micro_batches_equals_the_one_batch_loss(aligned, toy_sets, budget):
+    """The safety pass, split into micro-batches of at most ``budget`` padded tokens (one row,
+    four rows, everything), gives ∇_W [L(D_safe) − L(D_harmful)] of one plain forward."""
+    model = _lora(aligned)
+    model.train()
+    sap = _sap(model, safety_batch_size=12)
+    safe_sampler, harm_sampler = copy.deepcopy(sap._safe_sampler), copy.deepcopy(sap._harm_sampler)
+    grads, m = sap._safety_gradient(model, "cpu", budget)
+    params = [p for p in model.parameters() if p.requires_grad]
+    safe, harm = COLLATE(safe_sampler.take(12)), COLLATE(harm_sampler.take(12))
+    logits_s, pos_s = losses.response_logits(model, safe)
+    logits_h, pos_h = losses.response_logits(model, harm)
+    l_safe, l_harm = F.cross_entropy(logits_s, pos_s.targets), F.cross_entropy(logits_h, pos_h.targets)
+    want = torch.autograd.grad(l_safe - l_harm, params)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+    assert m["l_safety"] == pytest.approx((l_safe - l_harm).item(), rel=1e-5)
+    assert sum(len(mb) for mb in sap._pack(sap.safe[:12], budget)) == 12
+    assert all(len(mb) * max(len(e["input_ids"]) for e in mb) <= max(budget, 10) for mb in sap._pack(sap.safe[:12], budget))
     sap.remove_hooks()
 
 

@@ -42,6 +42,10 @@ coordinate (``V_safe = β √n · d/‖d‖`` with ``d`` the exact gap gradient,
 fixed-length step along the exact ascent direction). ``probe_step: raw`` gives the literal
 ``V_safe = β · d`` instead (``d`` from token-mean losses).
 
+**Memory.** The safety pass runs in length-sorted micro-batches of at most
+``safety_tokens_per_pass`` padded tokens (default: half the task micro-batch's size), each
+back-propagated on its own, so it never holds more activations than a task step.
+
 **Schedules** (``schedule``). ``exact``: every refresh step runs the safety pass, then two
 probe-gradient passes at ``V = 0`` (``W + ΔW`` and ``W``) on the current batch, then the task
 pass under ``V_safe``: four passes. ``shared`` (default, as the authors' code): the task pass
@@ -105,6 +109,10 @@ class SAPParams(BaseModel):
     indices (negative counts from the end)."""
     safety_batch_size: int = Field(4, ge=1, description="examples drawn from each safety set per refresh")
     safety_max_length: int = Field(256, ge=8)
+    safety_tokens_per_pass: int | None = Field(None, ge=8)
+    """Most padded tokens (rows × longest) per safety forward; the safety batch is split into
+    micro-batches of this size. Default: half the task micro-batch's size, so the safety pass
+    (its graph plus the gradient buffers it accumulates into) stays under a task step's peak."""
     refresh_every: int = Field(1, ge=1, description="k: recompute ΔW and V_safe every k optimizer steps")
     schedule: Literal["shared", "exact"] = "shared"
     seed: int = 0
@@ -276,35 +284,51 @@ class SAP(Method):
             model, hidden, lambda logits, s, e: (F.cross_entropy(logits, targets[s:e], reduction="sum"), {}))
         return total
 
-    def _safety_gradient(self, model, device) -> tuple[list[torch.Tensor], dict]:
-        """∇_W L_safety on a fresh safety batch; L_safety = L(D_safe) − L(D_harmful) (Def. 3.1)."""
+    @staticmethod
+    def _n_targets(ex: dict) -> int:
+        return sum(lbl != -100 for lbl in ex["labels"][1:])
+
+    @staticmethod
+    def _pack(examples: list[dict], budget: int) -> list[list[dict]]:
+        """Length-sorted micro-batches whose padded size (rows × longest) stays within ``budget``."""
+        out: list[list[dict]] = []
+        for ex in sorted(examples, key=lambda e: len(e["input_ids"])):
+            mb = out[-1] if out else None
+            if mb and (len(mb) + 1) * len(ex["input_ids"]) <= budget:
+                mb.append(ex)
+            else:
+                out.append([ex])
+        return out
+
+    def _safety_gradient(self, model, device, budget: int) -> tuple[list[torch.Tensor], dict]:
+        """∇_W L_safety on a fresh safety batch; L_safety = L(D_safe) − L(D_harmful) (Def. 3.1).
+
+        The safety examples go through the model in micro-batches of at most ``budget`` padded
+        tokens (by default half the task micro-batch's size), each back-propagated on its own and
+        the weight gradients summed, so the safety pass never holds more activations than a task step.
+        """
         n = self.params.safety_batch_size
-        safe, harm = self._safe_sampler.take(n), self._harm_sampler.take(n)
-        batch = {k: v.to(device) for k, v in self._collate(safe + harm).items()}
-        pos = losses.response_positions(batch["labels"])
-        hidden, _ = losses.position_hidden(model, batch, pos)
-        from_safe = pos.mask.nonzero()[:, 0] < len(safe)
-        n_safe, n_harm = int(from_safe.sum()), int((~from_safe).sum())
-        # L(D_safe) − L(D_harmful) as one weighted token sum: +1/n_safe, −1/n_harm per token
-        weight = torch.where(from_safe, 1.0 / max(n_safe, 1), -1.0 / max(n_harm, 1)).to(hidden.device)
-        targets = pos.targets
-
-        def fn(logits, s, e):
-            ce = F.cross_entropy(logits, targets[s:e], reduction="none")
-            safe = from_safe[s:e]
-            return (ce * weight[s:e]).sum(), {"safe": ce[safe].sum().detach(), "harm": ce[~safe].sum().detach()}
-
-        l_safety, stats = losses.chunked_loss(model, hidden, fn)
         params = self._trainable(model)
-        grads = torch.autograd.grad(l_safety, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        l_safe, l_harm = stats["safe"] / max(n_safe, 1), stats["harm"] / max(n_harm, 1)
-        m = {"nll_safe": l_safe, "nll_harmful": l_harm, "l_safety": l_safe - l_harm}
+        grads = [torch.zeros_like(p) for p in params]
+        nll = {}
+        for name, examples, sign in (("safe", self._safe_sampler.take(n), 1.0),
+                                     ("harm", self._harm_sampler.take(n), -1.0)):
+            n_tok = max(sum(self._n_targets(ex) for ex in examples), 1)
+            total = 0.0
+            for mb in self._pack(examples, budget):
+                batch = {k: v.to(device) for k, v in self._collate(mb).items()}
+                ce = self._ce_sum(model, batch, losses.response_positions(batch["labels"]))
+                total += ce.item()
+                for acc, g in zip(grads, torch.autograd.grad(ce * (sign / n_tok), params, allow_unused=True)):
+                    if g is not None:
+                        acc.add_(g)
+            nll[name] = total / n_tok
+        m = {"nll_safe": nll["safe"], "nll_harmful": nll["harm"], "l_safety": nll["safe"] - nll["harm"]}
         return grads, m
 
-    def _compute_delta(self, model, device) -> dict:
+    def _compute_delta(self, model, device, budget: int) -> dict:
         """ΔW = ε‖W‖ · g/‖g‖ with g = ∇_W L_safety (towards the harmful region)."""
-        grads, m = self._safety_gradient(model, device)
+        grads, m = self._safety_gradient(model, device, budget)
         params = self._trainable(model)
         with torch.no_grad():
             g_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
@@ -388,7 +412,8 @@ class SAP(Method):
         if self._refresh:
             first = not self._delta_done
             if first:
-                metrics.update(self._compute_delta(model, device))
+                budget = self.params.safety_tokens_per_pass or batch["input_ids"].numel() // 2
+                metrics.update(self._compute_delta(model, device, budget))
                 self._delta_done = True
             if self.params.schedule == "exact" or not self._have_probe:
                 if first:  # V_safe from this step's first micro-batch, gradients at V = 0
