@@ -4,8 +4,19 @@ one integration run on the real SmolLM2."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from safeft import api
 from safeft.errors import ConfigError
@@ -77,6 +88,206 @@ def test_parallel_workers_overlap_and_use_previous_round_r(tmp_path, tiny_model_
     assert any(_overlaps(t, r_by_round[t["round"]]) for t in thetas)
     assert (tmp_path / "par" / "nado" / "constraint.safetensors").is_file()
     assert not list((tmp_path / "par" / "nado").glob("theta_*.safetensors"))  # snapshots cleaned up
+
+
+# --- kill -9 and resume ---------------------------------------------------------------------
+KILLER = textwrap.dedent("""
+    import json, os, signal, sys
+    from transformers import TrainerCallback
+    import safeft
+    import safeft.engine.trainer as T
+
+    class Kill(TrainerCallback):
+        # runs after pr-nado's callback: at a round boundary the kill lands after that round's
+        # R update was made (and, sequential, R trained), before θ's next step
+        def __init__(self, method):
+            self.method = method
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == int(sys.argv[2]):
+                if self.method._proc is not None:
+                    open(sys.argv[3], "w").write(str(self.method._proc.pid))
+                os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no atexit: a real kill -9
+
+    fit = T.fit
+    T.fit = lambda run, method, callbacks=(): fit(run, method, [*callbacks, Kill(method)])
+    safeft.train(**json.loads(sys.argv[1]))
+""")
+
+RESUME_STEPS = 6
+
+
+def _resume_overrides(model_dir, data, out, method: dict, **extra) -> dict:
+    o = {"model.name_or_path": str(model_dir), "data.train.path": str(data), "data.max_length": 32,
+         "training.max_steps": RESUME_STEPS, "training.per_device_train_batch_size": 2,
+         "training.learning_rate": 1e-3, "training.save_strategy": "steps", "training.save_steps": 1,
+         "training.save_total_limit": None, "training.disable_tqdm": True, "output_dir": str(out), **extra}
+    o.update({f"method.{k}": v for k, v in method.items()})
+    return o
+
+
+def _kill(overrides: dict, kill_at: int, pid_file: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(overrides), str(kill_at), str(pid_file)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr[-2000:])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if "loss" in r}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"{f.name}:{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+NOT_TIMES = ("start", "end", "pid")
+
+
+def _assert_same_run(ref: Path, out: Path, kill_at: int) -> None:
+    """Every logged step once, the same losses and method metrics, the same final θ, R and
+    per-round R statistics as the uninterrupted run (rel 1e-6: in practice bit-identical)."""
+    m_ref, m_res = _metrics(ref), _metrics(out)
+    assert sorted(m_res) == list(range(1, RESUME_STEPS + 1)), kill_at  # every step logged exactly once
+    for step, rec in m_ref.items():
+        for key in ("loss", "ce", "pr_kl", "r_round", "grad_norm"):
+            if key in rec:
+                assert m_res[step][key] == pytest.approx(rec[key], rel=1e-6, abs=1e-7), (kill_at, step, key)
+    for folder in ("model", "nado"):
+        t_ref, t_res = _tensors(ref / folder), _tensors(out / folder)
+        assert t_ref and sorted(t_ref) == sorted(t_res)
+        for k in t_ref:
+            assert torch.allclose(t_ref[k], t_res[k], rtol=0, atol=1e-6), (kill_at, folder, k)
+    l_ref, l_res = (json.loads((d / "nado" / "rounds.json").read_text()) for d in (ref, out))
+    strip = lambda rounds: [{k: v for k, v in r.items() if k not in NOT_TIMES} for r in rounds]  # noqa: E731
+    assert strip(l_res["r_rounds"]) == pytest.approx(strip(l_ref["r_rounds"]), rel=1e-6)
+    assert strip(l_res["theta_rounds"]) == strip(l_ref["theta_rounds"])
+    assert all("end" in t for t in l_res["theta_rounds"])
+
+
+def test_sequential_kill9_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, mixed_jsonl, caplog):
+    """SIGKILL at a random step (at a round boundary: right after that round's R was trained),
+    then truncate R's weights in the newest surviving checkpoint: resume falls back one more
+    checkpoint, and losses, θ and R equal those of an uninterrupted run."""
+    method = {"name": "pr-nado", "rounds": 3, **SMALL_R, "r_epochs": 5, "r_lr": 0.05}
+    ref = tmp_path / "ref"
+    api.train(None, **_resume_overrides(tiny_model_dir, mixed_jsonl, ref, method))
+
+    kill_at = random.Random().randint(2, RESUME_STEPS - 1)
+    out = tmp_path / "killed"
+    _kill(_resume_overrides(tiny_model_dir, mixed_jsonl, out, method), kill_at, tmp_path / "pid")
+    ckpts = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts[-1] == kill_at and not (out / "model").exists()
+    r_file = out / "checkpoints" / f"checkpoint-{kill_at}" / "nado" / "constraint.safetensors"
+    r_file.write_bytes(r_file.read_bytes()[: r_file.stat().st_size // 2])  # a kill in the middle of writing R
+
+    caplog.set_level(logging.WARNING, logger="safeft")
+    summary = api.train(None, **_resume_overrides(tiny_model_dir, mixed_jsonl, out, method, resume=True))
+    assert summary["resumed_from"].endswith(f"checkpoint-{kill_at - 1}"), kill_at
+    assert any(f"checkpoint-{kill_at}" in r.message and "nado/constraint.safetensors is truncated" in r.message
+               for r in caplog.records)
+    log = summary["rounds"]
+    assert log["resumes"][0]["from"] == f"checkpoint-{kill_at - 1}" and log["main_pid"] == os.getpid()
+    assert [r["round"] for r in log["r_rounds"]] == [1, 2, 3]
+    _assert_same_run(ref, out, kill_at)
+
+
+def test_parallel_kill9_then_resume_restarts_the_worker_and_matches(tmp_path, tiny_model_dir, mixed_jsonl, caplog):
+    """The parallel schedule is deterministic (θ's round r always waits for R_{r−1}), so a
+    resumed run ends exactly like an uninterrupted one: the restarted worker redoes the R round
+    that was in flight from the checkpoint's θ snapshot, warm-started from the checkpoint's R.
+    The killed run's orphaned worker exits by itself."""
+    method = {"name": "pr-nado", "rounds": 3, "parallel": True, "parallel_warmup": True, **SMALL_R,
+              "r_epochs": 5, "r_lr": 0.05}
+    ref = tmp_path / "ref"
+    api.train(None, **_resume_overrides(tiny_model_dir, mixed_jsonl, ref, method))
+
+    kill_at = random.Random().randint(2, RESUME_STEPS - 1)
+    out = tmp_path / "killed"
+    _kill(_resume_overrides(tiny_model_dir, mixed_jsonl, out, method), kill_at, tmp_path / "pid")
+    worker = int((tmp_path / "pid").read_text())
+    deadline = time.time() + 30
+    while not _gone(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _gone(worker), "the R worker outlived the killed training process"
+    # the θ snapshot of the newest checkpoint cut short, as a copy interrupted by a kill would be
+    # (it is a hard link shared with other checkpoints of the round: replace it, do not truncate it in place)
+    snap = out / "checkpoints" / f"checkpoint-{kill_at}" / "nado" / "theta.safetensors"
+    data = snap.read_bytes()
+    snap.unlink()
+    snap.write_bytes(data[: len(data) // 2])
+
+    caplog.set_level(logging.WARNING, logger="safeft")
+    summary = api.train(None, **_resume_overrides(tiny_model_dir, mixed_jsonl, out, method, resume=True))
+    assert summary["resumed_from"].endswith(f"checkpoint-{kill_at - 1}"), kill_at
+    assert any(f"checkpoint-{kill_at}" in r.message and "nado/theta.safetensors is truncated" in r.message
+               for r in caplog.records)
+    log = summary["rounds"]
+    assert [t["r_used"] for t in log["theta_rounds"]] == [0, 1, 2]
+    assert sorted(r["round"] for r in log["r_rounds"]) == [0, 1, 2, 3]
+    # the rounds received after the resume came from the new worker
+    resumed_at = log["resumes"][0]["time"]
+    assert all(r["pid"] != worker for r in log["r_rounds"] if r["end"] > resumed_at)
+    assert not list((out / "nado").glob("theta_*.safetensors"))
+    _assert_same_run(ref, out, kill_at)
+
+
+def test_ctrl_c_stops_a_parallel_run_with_a_checkpoint_and_resume_finishes_it(tmp_path, tiny_model_dir, mixed_jsonl):
+    """Ctrl-C from a terminal reaches the training process and the R worker: the worker
+    ignores it, the training process saves a checkpoint (with pr-nado's state), stops the
+    worker and exits 130; --resume finishes the run."""
+    method = {"name": "pr-nado", "rounds": 3, "parallel": True, **SMALL_R}
+    out = tmp_path / "run"
+    overrides = _resume_overrides(tiny_model_dir, mixed_jsonl, out, method, **{"training.max_steps": 30,
+                                                                              "training.save_strategy": "no"})
+    del overrides["training.save_total_limit"]
+    cmd = [sys.executable, "-m", "safeft", "train", *(a for k, v in overrides.items() for a in ("--set", f"{k}={v}"))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "safeft: interrupted" and "Traceback" not in err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # the worker is gone too
+    from safeft.engine.trainer import checkpoint_problem
+    from safeft.methods.pr_nado import PRNado
+
+    (ckpt,) = (out / "checkpoints").glob("checkpoint-*")
+    assert checkpoint_problem(ckpt) is None
+    assert PRNado.checkpoint_problem(ckpt) is None
+    assert not (out / "model").exists() and not (out / "nado" / "constraint.safetensors").exists()
+
+    summary = api.train(None, **overrides, resume=True)
+    assert summary["global_step"] == 30 and summary["resumed_from"] == str(ckpt)
+    assert [t["r_used"] for t in summary["rounds"]["theta_rounds"]] == [0, 1, 2]
+    assert (out / "nado" / "constraint.safetensors").is_file()
+
+
+def test_resume_with_another_schedule_is_a_config_error(tmp_path, tiny_model_dir, mixed_jsonl):
+    method = {"name": "pr-nado", "rounds": 2, **SMALL_R}
+    out = tmp_path / "run"
+    api.train(None, **_resume_overrides(tiny_model_dir, mixed_jsonl, out, method, **{"training.max_steps": 2}))
+    method["rounds"] = 1
+    with pytest.raises(ConfigError, match="rounds=2, this run has 1") as e:
+        api.train(None, **_resume_overrides(tiny_model_dir, mixed_jsonl, out, method, resume=True,
+                                            **{"training.max_steps": 2}))
+    assert e.value.field == "method.rounds"
 
 
 def test_adaptive_assignment_by_tag_and_by_judge(tmp_path, tiny_model_dir, mixed_jsonl):

@@ -149,7 +149,7 @@ def stop_interrupted(step: int, checkpoint) -> None:
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
     """Check a safetensors file's header and that its size matches (catches truncation)."""
     try:
         with path.open("rb") as fh:
@@ -189,7 +189,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if not weights:
         return "no model weights (*.safetensors)"
     for w in weights:
-        problem = _safetensors_problem(w)
+        problem = safetensors_problem(w)
         if problem:
             return problem
     for f in [*ckpt.glob("*.pt"), *ckpt.glob("*.pth")]:
@@ -201,7 +201,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 def last_good_checkpoint(folder: Path, extra_check: Callable[[Path], str | None] | None = None) -> str | None:
     """The newest checkpoint in ``folder`` that passes :func:`checkpoint_problem` (and
     ``extra_check``: what a checkpoint needs beyond the Trainer's files, e.g.
-    :func:`safeft.engine.loop_checkpoints.loop_checkpoint_problem`).
+    :func:`safeft.engine.loop_checkpoints.loop_checkpoint_problem` or a method's
+    :meth:`~safeft.methods.base.Method.checkpoint_problem`).
 
     Newer, broken ones (a kill during a save, a full disk) are skipped with a warning naming
     what is wrong; the main process renames them ``broken-checkpoint-N`` (outside the
@@ -365,11 +366,11 @@ def fit(run: Run, method, callbacks=()) -> dict:
     """Train with ``method``'s loss; returns the summary also written to train_summary.json."""
     interrupt = InterruptCallback()
     trainer = build_trainer(run, method, [*callbacks, interrupt])
-    resume_from = resume_checkpoint(run)
+    resume_from = resume_checkpoint(run, method.checkpoint_problem)
     method.prepare(trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.interrupted:
-        ckpt = last_good_checkpoint(run.output_dir / "checkpoints")
+        ckpt = last_good_checkpoint(run.output_dir / "checkpoints", method.checkpoint_problem)
         stop_interrupted(trainer.state.global_step, ckpt)
     _save_final_model(trainer, run)
     summary = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -65,6 +66,12 @@ class Method:
 
     def prepare(self, trainer) -> None:
         """Runs once after the trainer is built, before the first step."""
+
+    def checkpoint_problem(self, ckpt: Path) -> str | None:
+        """Why the method's own files in Trainer checkpoint ``ckpt`` cannot be resumed from
+        (None if whole). A method that saves state beside the Trainer's checks it here; a
+        checkpoint with a problem is skipped like one with broken weights."""
+        return None
 
     def compute_loss(self, model, batch: dict, trainer) -> LossOutput:
         raise NotImplementedError

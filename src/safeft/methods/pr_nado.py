@@ -28,6 +28,11 @@ schedule run through all of them, as in plain fine-tuning):
   (forgetting prevention, :class:`safeft.engine.reference.Reference`). The split comes from
   a data-source tag column (``assign: tag``) or from the judge's score of each training
   example (``assign: judge``).
+
+Resume: every Trainer checkpoint gets a ``nado/`` folder beside the Trainer's files (the R in
+use, the round index, the rounds log and, for the parallel schedule, the θ snapshot the
+in-flight R round samples from); ``--resume`` restores it with the checkpoint and continues
+the rounds (docs/pr-nado.md, "Resume").
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import os
 import multiprocessing as mp
 import queue
 import random
+import shutil
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -52,6 +59,7 @@ from transformers import TrainerCallback
 from .. import losses, nado
 from ..engine.reference import Reference
 from ..engine.run import atomic_write_text
+from ..engine.trainer import safetensors_problem
 from ..eval.decoding import register_decoding
 from ..errors import ConfigError
 from ..models import unwrap
@@ -115,10 +123,25 @@ def _load_trainable(model, path: str) -> None:
         raise RuntimeError(f"R worker: snapshot does not match the model ({res.unexpected_keys[0]})")
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes: a hard link where the filesystem allows (no copy, and
+    either name keeps the data when the other is deleted), else a copy."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _r_worker(model_cfg: dict, round_opts: dict, threads: int, jobs, results) -> None:
     """The parallel algorithm's R process: load the model once, then per job load θ_{r−1}'s
-    trainable weights, sample, label, train R (warm-started from the previous round's R)."""
+    trainable weights, sample, label, train R (warm-started from the previous round's R, or
+    from the job's ``init`` weights when a resumed run restarts the worker). Exits on its own when
+    the training process is gone (killed: no one would send the stop message). Ignores Ctrl-C:
+    the training process handles it (saves a checkpoint, then stops this worker)."""
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        parent = os.getppid()
         torch.set_num_threads(threads)
         from ..config import ModelConfig
         from ..models import load_model
@@ -128,15 +151,24 @@ def _r_worker(model_cfg: dict, round_opts: dict, threads: int, jobs, results) ->
         scorer = nado.toxicity_scorer()
         results.put({"ready": time.time()})
         while True:
-            job = jobs.get()
+            try:
+                job = jobs.get(timeout=2)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
             if job is None:
                 return
             start = time.time()
+            if job["init"] is not None:
+                cm.load_state(job["init"])
             _load_trainable(model, job["theta"])
             stats = nado.fit_round(
                 model, cm, job["prompts"], scorer=scorer, decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                 pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=job["seed"], **round_opts,
             )
+            if os.getppid() != parent:
+                return  # killed meanwhile: no one waits for this R, and a resumed run recomputes it
             cm.save(job["out"])
             results.put({"round": job["round"], "start": start, "end": time.time(), "stats": stats, "path": job["out"],
                          "pid": os.getpid()})
@@ -147,7 +179,6 @@ def _r_worker(model_cfg: dict, round_opts: dict, threads: int, jobs, results) ->
 class _Rounds(TrainerCallback):
     def __init__(self, method: "PRNado"):
         self.m = method
-        self.next = 0
 
     def on_train_begin(self, args, state, control, **kw):
         n = self.m.params.rounds
@@ -155,15 +186,22 @@ class _Rounds(TrainerCallback):
             raise ConfigError(f"{n} rounds need at least {n} optimizer steps; the run has {state.max_steps}",
                               field="method.rounds")
         self.bounds = [math.floor(r * state.max_steps / n) for r in range(n)]
-        self.m.start()
+        # resuming, the Trainer has loaded checkpoint-<global_step>'s state before this call
+        self.m.start(Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step else None)
 
     def on_step_begin(self, args, state, control, **kw):
-        while self.next < len(self.bounds) and state.global_step >= self.bounds[self.next]:
-            self.next += 1
-            self.m.begin_round(self.next)
+        while self.m.round < len(self.bounds) and state.global_step >= self.bounds[self.m.round]:
+            self.m.begin_round(self.m.round + 1)
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            self.m.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, **kw):
-        self.m.finish()
+        if state.global_step >= state.max_steps:
+            self.m.finish()
+        else:  # stopped early by Ctrl-C / SIGTERM, after saving a checkpoint
+            self.m.stop()
 
 
 @register
@@ -176,21 +214,18 @@ class PRNado(Method):
     def __init__(self, params, run):
         super().__init__(params, run)
         self.constraint: nado.ConstraintModel | None = None
+        self.round = 0  # rounds begun
         self.r_used = 0
         self.reference = Reference(run.model, params.reference, params.reference_top_k) if params.adaptive else None
         self.is_constraint: torch.Tensor | None = None
         self.nado_dir = run.output_dir / "nado"
         self.log: dict = {"schedule": "parallel" if params.parallel else "sequential", "r_rounds": [], "theta_rounds": []}
-        self._theta_start: float | None = None
         self._proc = None
 
     # --- the training loop ------------------------------------------------------------------
     def train(self):
         from ..engine.trainer import fit
 
-        if self.run.cfg.resume:
-            raise ConfigError("pr-nado cannot resume a run (R's rounds are not checkpointed); start it again",
-                              field="resume")
         self.nado_dir.mkdir(parents=True, exist_ok=True)
         self.log["main_pid"] = os.getpid()
         tok = self.run.tokenizer
@@ -212,11 +247,86 @@ class PRNado(Method):
         return sampling_prompts(self.run.train_dataset, p.samples_per_round, p.prefix_tokens,
                                 self.run.cfg.training.seed + 1000 * r)
 
-    def start(self) -> None:
+    # --- checkpoints -----------------------------------------------------------------------
+    SCHEDULE = ("rounds", "parallel", "parallel_warmup", "r_inner")  # must match to resume
+
+    def save_state(self, ckpt: Path) -> None:
+        """Write ``ckpt/nado/``: the R θ is trained with (sequential: also the one the next
+        round warm-starts from), for the parallel schedule the θ snapshot that the in-flight R
+        round samples from, and ``state.json`` (round index, rounds log) last, so that its
+        presence means the rest is complete. R keeps no optimizer state across rounds (each
+        round builds a fresh AdamW) and its sampling and training are seeded from the round
+        index, so this is all a resumed run needs."""
+        d = ckpt / "nado"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir()
+        files = []
+        if self.constraint is not None:
+            self.constraint.save(d)
+            files += ["constraint.safetensors", "constraint.json"]
+        if self.params.parallel:
+            _link_or_copy(self._snapshot(self.round), d / "theta.safetensors")
+            files.append("theta.safetensors")
+        state = {"round": self.round, "r_used": self.r_used, "files": files,
+                 "schedule": {k: getattr(self.params, k) for k in self.SCHEDULE}, "log": self.log}
+        atomic_write_text(d / "state.json", json.dumps(state, indent=2))
+
+    @staticmethod
+    def checkpoint_problem(ckpt: Path) -> str | None:
+        d = ckpt / "nado"
+        try:
+            state = json.loads((d / "state.json").read_text())
+        except FileNotFoundError:
+            return "nado/state.json is missing (pr-nado's state was not saved)"
+        except (OSError, ValueError) as e:
+            return f"nado/state.json is unreadable ({type(e).__name__})"
+        if not isinstance(state, dict) or not {"round", "r_used", "files", "schedule", "log"} <= state.keys():
+            return "nado/state.json is incomplete"
+        for name in state["files"]:
+            f = d / name
+            if not f.is_file():
+                return f"nado/{name} is missing"
+            if name.endswith(".safetensors"):
+                problem = safetensors_problem(f)
+                if problem:
+                    return f"nado/{problem}"
+            else:
+                try:
+                    json.loads(f.read_text())
+                except (OSError, ValueError) as e:
+                    return f"nado/{name} is unreadable ({type(e).__name__})"
+        return None
+
+    def _restore(self, ckpt: Path) -> None:
+        d = ckpt / "nado"
+        state = json.loads((d / "state.json").read_text())
+        for k, v in state["schedule"].items():
+            if getattr(self.params, k) != v:
+                raise ConfigError(f"{ckpt} was written with {k}={v!r}, this run has {getattr(self.params, k)!r}; "
+                                  "resume with the same value", field=f"method.{k}")
+        self.round, self.r_used = state["round"], state["r_used"]
+        self.log = {**state["log"], "main_pid": os.getpid()}
+        self.log.setdefault("resumes", []).append({"from": ckpt.name, "time": time.time(), "pid": os.getpid()})
+        if "constraint.safetensors" in state["files"]:
+            if self.params.parallel:
+                self.constraint = nado.ConstraintModel.load(d)
+            else:
+                self._cm.load_state(load_file(str(d / "constraint.safetensors")))
+                self.constraint = self._cm
+
+    # --- the rounds -------------------------------------------------------------------------
+    def start(self, resume_from: Path | None) -> None:
+        """Before the first step: build R (sequential) or start the R worker (parallel); on a
+        resumed run restore ``resume_from``'s state and restart the R round that was in flight."""
         if not self.params.parallel:
             self._cm = nado.ConstraintModel.for_model(self.run.model, self.params.r_inner)
             self._scorer = nado.toxicity_scorer()
+            if resume_from is not None:
+                self._restore(resume_from)
             return
+        if resume_from is not None:
+            self._restore(resume_from)
         # fork where the platform has it: the worker starts without re-importing torch (seconds
         # instead of tens of seconds); it loads its own copy of the model either way
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -227,15 +337,26 @@ class PRNado(Method):
             args=(self.run.cfg.model.model_dump(mode="json"), opts, self.params.worker_threads, self._jobs, self._results),
         )
         self._proc.start()
-        if self.params.parallel_warmup:
+        if resume_from is not None:
+            self._submit(self.round, resume_from)
+        elif self.params.parallel_warmup:
             self._submit(0)
             self._use(self._wait(0), 0)
 
-    def _submit(self, r: int) -> None:
-        """Snapshot θ (round r−1's state) and hand round r's R update to the worker."""
-        theta = self.nado_dir / f"theta_{r}.safetensors"
-        save_file(trainable_state(self.run.model), str(theta))
-        self._jobs.put({"round": r, "theta": str(theta), "prompts": self._prompts(r),
+    def _snapshot(self, r: int) -> Path:
+        return self.nado_dir / f"theta_{r}.safetensors"
+
+    def _submit(self, r: int, resume_from: Path | None = None) -> None:
+        """Hand round r's R update to the worker, with a snapshot of θ (round r−1's state). A
+        resumed run hands the restarted worker the snapshot ``resume_from`` holds and the R to
+        warm-start from (the one θ uses, R_{r−1}; none before R_0), so it computes the same R_r."""
+        init = None
+        if resume_from is None:
+            save_file(trainable_state(self.run.model), str(self._snapshot(r)))
+        else:
+            _link_or_copy(resume_from / "nado" / "theta.safetensors", self._snapshot(r))
+            init = self.constraint.state() if self.constraint is not None else None
+        self._jobs.put({"round": r, "theta": str(self._snapshot(r)), "prompts": self._prompts(r), "init": init,
                         "seed": self.run.cfg.training.seed + r, "out": str(self.nado_dir / f"R_{r}")})
 
     def _wait(self, r: int) -> dict:
@@ -253,7 +374,7 @@ class PRNado(Method):
                 continue
             if msg["round"] != r:
                 raise RuntimeError(f"pr-nado: expected R of round {r}, got {msg['round']}")
-            Path(self.nado_dir / f"theta_{r}.safetensors").unlink(missing_ok=True)
+            self._snapshot(r).unlink(missing_ok=True)
             return msg
 
     def _use(self, msg: dict, r: int) -> None:
@@ -263,11 +384,12 @@ class PRNado(Method):
                                      **msg["stats"]})
 
     def _close_theta_round(self) -> None:
-        if self._theta_start is not None:
+        if self.log["theta_rounds"]:
             self.log["theta_rounds"][-1]["end"] = time.time()
 
     def begin_round(self, r: int) -> None:
         self._close_theta_round()
+        self.round = r
         if self.params.parallel:
             if r > 1:
                 self._use(self._wait(r - 1), r - 1)
@@ -281,8 +403,14 @@ class PRNado(Method):
             self._cm.save(self.nado_dir / f"R_{r}")
             self.constraint, self.r_used = self._cm, r
             self.log["r_rounds"].append({"round": r, "start": start, "end": time.time(), "pid": os.getpid(), **stats})
-        self._theta_start = time.time()
-        self.log["theta_rounds"].append({"round": r, "start": self._theta_start, "r_used": self.r_used})
+        self.log["theta_rounds"].append({"round": r, "start": time.time(), "r_used": self.r_used})
+
+    def stop(self) -> None:
+        """Training stopped before its last step; the checkpoint it saved holds what --resume
+        needs, so the worker's R round is abandoned and no final R is written."""
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join(timeout=30)
 
     def finish(self) -> None:
         self._close_theta_round()
