@@ -105,7 +105,7 @@ def test_ra_rlhf_kill9_then_resume_matches_uninterrupted_run(tmp_path, tiny_mode
     opts = _ra_rlhf(tmp_path, tiny_model_dir, out, **{"method.reward_options": {"at": kill_at, "sig": "SIGKILL"}})
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", KILLED, json.dumps(opts)], env=env, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=600)
     assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr[-2000:])
     ckpts = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
     assert ckpts == [kill_at - 2, kill_at - 1] and not (out / "model").exists()  # save_total_limit 2
