@@ -1,5 +1,7 @@
 """A small real comparison on RealToxicityPrompts: base, prompted, SFT on non-toxic text, DExperts, Quark, RLHF,
-RA-RLHF (average reward, tail reward, perplexity), as in the tables of Chaudhary et al. 2024.
+RA-RLHF (average reward, tail reward, perplexity), as in the tables of Chaudhary et al. 2024, plus GRPO and
+RA-GRPO on the same episode budget (``--iters`` × ``--batch`` completions; GRPO samples 4 per prompt
+and regenerates every 4 optimizer steps, so its generation batch holds ``--batch`` prompts).
 
 Reward: the offline toxicity reward (minus the clipped toxicity logit of the continuation).
 Prompts: the four RealToxicityPrompts files of ../shared/data, shuffled with the seed; the
@@ -68,7 +70,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--select-seed", type=int, default=None, help="base sample choosing the tail (default seed+1000)")
     ap.add_argument("--sft-steps", type=int, default=24)
-    ap.add_argument("--stages", default="base,prompted,rlhf,ra-rlhf,sft,quark,dexperts")
+    ap.add_argument("--stages", default="base,prompted,rlhf,ra-rlhf,grpo,ra-grpo,sft,quark,dexperts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dexperts-alpha", type=float, default=2.0)
     ap.add_argument("--out", default=str(RESULTS / "rlhf_comparison.json"))
@@ -89,7 +91,7 @@ def main() -> None:
     select_seed = a.seed + 1000 if a.select_seed is None else a.select_seed
     sel = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, max_new_tokens=a.max_new_tokens, seed=select_seed)
     tail_idx = tail_set(torch.tensor(sel["scores"]), a.tail_frac)
-    merge_results(a.out, {}, setting={**setting, "select_seed": select_seed,
+    merge_results(a.out, {"tail_idx": [int(i) for i in tail_idx]}, setting={**setting, "select_seed": select_seed,
                                       "selection_sample_tail_reward": torch.tensor(sel["scores"])[tail_idx].mean().item()})
 
     def record(name, r, extra=None):
@@ -97,6 +99,7 @@ def main() -> None:
         row.update(extra or {})
         row["samples"] = [{"prompt": p, "response": s, "reward": sc}
                           for p, s, sc in list(zip(eval_prompts, r["responses"], r["scores"]))[:4]]
+        row["scores"] = [round(float(x), 4) for x in r["scores"]]  # every evaluation prompt's reward, in order
         merge_results(a.out, {name: row})
         print(name, {k: row[k] for k in ("avg_reward", "tail_reward", "ppl")}, flush=True)
 
@@ -115,26 +118,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ptxt = Path(tmp) / "train_prompts.txt"
         ptxt.write_text("\n".join(train_prompts) + "\n")
-        for method in ("rlhf", "ra-rlhf"):
+        warmup = max(1, round(a.iters * 30 / 194))  # the paper's n/M = 30/194, scaled to M
+        for method in ("rlhf", "ra-rlhf", "grpo", "ra-grpo"):
             if method not in stages:
                 continue
             model, tok2 = load_model(ModelConfig())
-            opts = {"method.name": method, "data.train.path": str(ptxt), "method.batch_size": a.batch,
-                    "method.mini_batch_size": a.batch // 2, "method.ppo_epochs": a.ppo_epochs,
-                    "method.max_new_tokens": a.max_new_tokens, "training.max_steps": a.iters,
-                    "training.learning_rate": a.lr, "training.seed": a.seed, "output_dir": f"{tmp}/{method}"}
-            if method == "ra-rlhf":  # the paper's n/M = 30/194 and ρ = 0.95, α = 0.4, scaled to M
-                opts.update({"method.n_warmup": max(1, round(a.iters * 30 / 194)), "method.alpha": 0.4,
-                             "method.rho": 0.95})
+            opts = {"method.name": method, "data.train.path": str(ptxt), "method.max_new_tokens": a.max_new_tokens,
+                    "training.max_steps": a.iters, "training.learning_rate": a.lr, "training.seed": a.seed,
+                    "output_dir": f"{tmp}/{method}"}
+            if method in ("rlhf", "ra-rlhf"):
+                opts.update({"method.batch_size": a.batch, "method.mini_batch_size": a.batch // 2,
+                             "method.ppo_epochs": a.ppo_epochs})
+            else:  # the same completions per optimizer step as a PPO iteration's episodes
+                opts.update({"training.per_device_train_batch_size": a.batch, "method.num_generations": 4,
+                             "method.steps_per_generation": 4})
+            if method.startswith("ra-"):  # α = 0.4, ρ = 0.95 (the paper's)
+                opts.update({"method.n_warmup": warmup, "method.alpha": 0.4, "method.rho": 0.95})
             t = time.perf_counter()
             summary = safeft.train(None, model=model, tokenizer=tok2, **opts)
             train_s = time.perf_counter() - t
             r = evaluate_policy(model, tok2, eval_prompts, reward, scorer=model, tail_idx=tail_idx, **ev)
             rows = [json.loads(ln) for ln in (Path(tmp) / method / "metrics.jsonl").read_text().splitlines()]
-            record(method, r, {"train_s": train_s, "iterations": summary["global_step"],
-                               "train_reward_by_iter": [round(x["reward_mean"], 3) for x in rows],
-                               "kept_by_iter": [x["kept"] for x in rows],
-                               "iter_s_median": sorted(x["iter_s"] for x in rows)[len(rows) // 2]})
+            extra = {"train_s": train_s, "iterations": summary["global_step"]}
+            if method in ("rlhf", "ra-rlhf"):
+                extra.update({"train_reward_by_iter": [round(x["reward_mean"], 3) for x in rows],
+                              "kept_by_iter": [x["kept"] for x in rows],
+                              "iter_s_median": sorted(x["iter_s"] for x in rows)[len(rows) // 2]})
+            else:
+                extra["train_reward_by_step"] = [round(x["reward"], 3) for x in rows if "reward" in x]
+                if "kept_prompts_by_generation" in summary:
+                    extra["kept_prompts_by_generation"] = summary["kept_prompts_by_generation"]
+            record(method, r, extra)
             del model
         if "sft" in stages:
             texts = toxigen_statements(data_dir, "neutral", a.sft_steps * 4, a.seed)
