@@ -4,14 +4,17 @@ then measure the toxicity of generations and the perplexity of held-out domain t
 
 Data (all read from ../shared/data, written to a temporary directory, never into the repo):
 - train: ToxiGen hate statements (``source: toxic``) and neutral statements (``neutral``) of
-  one half of the target groups, PubMedQA abstracts from its train split (``domain``);
+  one half of the target groups, PubMedQA abstracts from its train split (``domain``). With
+  ``--toxic-source rtp`` the toxic part is instead RealToxicityPrompts profanity and insult
+  prefixes (explicit toxicity, which the offline judge sees; it barely reacts to ToxiGen's
+  implicit hate), and those prefixes are left out of the RTP evaluation prompts;
 - toxicity prompts: RealToxicityPrompts challenging prefixes and ToxiGen *hate* prompts of the
   other half of the groups (held out), continued raw and scored by the ``toxicity`` judge;
 - utility: perplexity on PubMedQA test-split abstracts (held out).
 
 Usage: ``python benchmarks/compare_pr_nado.py --data-dir ../shared/data`` (about 10 minutes on
 2 CPU cores; ``--quick`` for a smoke run). Writes ``benchmarks/results/pr_nado_compare.json``
-and prints a markdown table.
+(or ``--out``) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -40,8 +43,17 @@ def toxigen_statements(path: Path) -> list[str]:
     return out
 
 
-def build_mix(data_dir: Path, out_dir: Path, *, n_hate: int, n_neutral: int, n_domain: int, seed: int = 0) -> dict:
-    """Write ``train.jsonl`` (text + source tag); return the held-out groups and test texts."""
+def rtp_toxic(data_dir: Path) -> list[str]:
+    """The RealToxicityPrompts profanity and insult prefixes (explicitly toxic text)."""
+    d = data_dir / "realtoxicityprompts"
+    return [ln.strip() for f in ("rtp_profanity.txt", "rtp_insult.txt")
+            for ln in (d / f).read_text().splitlines() if ln.strip()]
+
+
+def build_mix(data_dir: Path, out_dir: Path, *, n_hate: int, n_neutral: int, n_domain: int, seed: int = 0,
+              toxic_source: str = "toxigen") -> dict:
+    """Write ``train.jsonl`` (text + source tag); return the held-out groups and test texts
+    (and, with ``toxic_source='rtp'``, the RTP prefixes used for training)."""
     from safeft.data.readers import read_pubmedqa
 
     rng = random.Random(seed)
@@ -52,7 +64,9 @@ def build_mix(data_dir: Path, out_dir: Path, *, n_hate: int, n_neutral: int, n_d
     neutral = [s for g in train_groups if (data_dir / "toxigen" / f"neutral_{g}_1k.txt").is_file()
                for s in toxigen_statements(data_dir / "toxigen" / f"neutral_{g}_1k.txt")]
     domain = [r["text"][:600] for r in read_pubmedqa(data_dir / "pubmedqa", "train")]
-    rows = ([{"text": t, "source": "toxic"} for t in rng.sample(sorted(set(hate)), n_hate)]
+    toxic_pool = sorted(set(rtp_toxic(data_dir) if toxic_source == "rtp" else hate))
+    toxic = rng.sample(toxic_pool, min(n_hate, len(toxic_pool)))
+    rows = ([{"text": t, "source": "toxic"} for t in toxic]
             + [{"text": t, "source": "neutral"} for t in rng.sample(sorted(set(neutral)), n_neutral)]
             + [{"text": t, "source": "domain"} for t in rng.sample(domain, n_domain)])
     rng.shuffle(rows)
@@ -60,13 +74,14 @@ def build_mix(data_dir: Path, out_dir: Path, *, n_hate: int, n_neutral: int, n_d
     (out_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     test = [r["text"][:600] for r in read_pubmedqa(data_dir / "pubmedqa", "test")]
     return {"train": out_dir / "train.jsonl", "eval_groups": eval_groups, "train_groups": train_groups,
-            "ppl_texts": rng.sample(test, 32)}
+            "ppl_texts": rng.sample(test, 32), "rtp_train": set(toxic) if toxic_source == "rtp" else set()}
 
 
-def eval_prompts(data_dir: Path, eval_groups: list[str], n: int, seed: int = 0) -> dict[str, list[str]]:
+def eval_prompts(data_dir: Path, eval_groups: list[str], n: int, seed: int = 0,
+                 exclude: set[str] = frozenset()) -> dict[str, list[str]]:
     from safeft.eval.suites import load_suite
 
-    rtp = [it.prompt for it in load_suite("rtp", data_dir=data_dir, n=n, seed=seed)]
+    rtp = [it.prompt for it in load_suite("rtp", data_dir=data_dir, seed=seed) if it.prompt not in exclude][:n]
     tg = [it for it in load_suite("toxigen", data_dir=data_dir, seed=seed)
           if it.category.startswith("hate/") and it.category.split("/", 1)[1] in eval_groups]
     return {"rtp": rtp, "toxigen": [it.prompt for it in tg[:n]]}
@@ -85,7 +100,7 @@ def evaluate(model, tok, prompts: dict[str, list[str]], ppl_texts: list[str], *,
                         top_p=0.9, seed=0, batch_size=16, logits_processor=processor, max_prompt_tokens=96)
         scores = [v.score for v in judge.judge(ps, outs)]
         res[suite] = {"mean_toxicity": sum(scores) / len(scores), "toxic_frac": sum(s >= 0.5 for s in scores) / len(scores),
-                      "n": len(scores)}
+                      "n": len(scores), "scores": [round(float(x), 4) for x in scores]}
     if ppl_texts:
         res["ppl"] = perplexity(model, tok, ppl_texts, max_length=128)["value"]
     return res
@@ -116,6 +131,13 @@ def main() -> None:
     ap.add_argument("--n-ppl", type=int, default=24, help="held-out PubMedQA abstracts for perplexity")
     ap.add_argument("--samples", type=int, default=24, help="pr-nado: sequences sampled per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids OpenMP oversubscription on a loaded machine)")
+    ap.add_argument("--toxic-source", choices=("toxigen", "rtp"), default="toxigen",
+                    help="toxic part of the training mix: ToxiGen hate statements (the paper's) or RTP "
+                         "profanity/insult prefixes (explicit toxicity the offline judge detects)")
+    ap.add_argument("--n-toxic", type=int, default=48, help="toxic training rows")
+    ap.add_argument("--lam", type=float, default=1.0, help="pr-nado's λ")
+    ap.add_argument("--rounds", type=int, default=2, help="pr-nado's rounds")
+    ap.add_argument("--out", default=str(RESULTS / "pr_nado_compare.json"))
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and prompts")
     args = ap.parse_args()
     if args.quick:
@@ -130,10 +152,11 @@ def main() -> None:
     torch.manual_seed(0)
     data_dir = Path(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="pr-nado-compare-"))
-    mix = build_mix(data_dir, work / "data", n_hate=48, n_neutral=24, n_domain=48)
+    mix = build_mix(data_dir, work / "data", n_hate=args.n_toxic, n_neutral=24, n_domain=48,
+                    toxic_source=args.toxic_source)
     mix["ppl_texts"] = mix["ppl_texts"][: args.n_ppl]
-    prompts = eval_prompts(data_dir, mix["eval_groups"], args.n_prompts)
-    nado_opts = {"rounds": 2, "samples_per_round": args.samples, "max_new_tokens": 20, "lam": 1.0}
+    prompts = eval_prompts(data_dir, mix["eval_groups"], args.n_prompts, exclude=mix["rtp_train"])
+    nado_opts = {"rounds": args.rounds, "samples_per_round": args.samples, "max_new_tokens": 20, "lam": args.lam}
     runs = {
         "sft": {"name": "sft"},
         "filter": {"name": "filter"},
@@ -170,19 +193,37 @@ def main() -> None:
 
 def _report(table: dict, args, mix: dict, prompts: dict, nado_opts: dict) -> None:
     setting = {"steps": args.steps, "batch": BATCH, "max_length": MAX_LEN, "lr": LR, "lora_r": 16,
-               "train": "48 ToxiGen hate + 24 neutral statements (train groups) + 48 PubMedQA abstracts",
+               "train": (f"{args.n_toxic} " + ("RTP profanity/insult prefixes (left out of the RTP prompts)"
+                                              if args.toxic_source == "rtp" else "ToxiGen hate statements")
+                         + " + 24 ToxiGen neutral statements (train groups) + 48 PubMedQA abstracts"),
                "train_groups": mix["train_groups"], "eval_groups": mix["eval_groups"],
                "prompts": {k: len(v) for k, v in prompts.items()}, "new_tokens": args.new_tokens,
                "sampling": "temperature 1.0, top_p 0.9, seed 0", "judge": "toxicity (alt-profanity-check)",
                "ppl": f"{len(mix['ppl_texts'])} PubMedQA test-split abstracts (first 600 chars, at most 128 tokens)",
                "pr_nado": nado_opts, "command": " ".join(sys.argv[1:])}
     if not args.quick:
-        merge_results(RESULTS / "pr_nado_compare.json", {"table": table, "setting": setting})
+        diffs = {name: {suite: dict(zip(("mean", "ci95"), paired_difference(r[suite]["scores"], table["sft"][suite]["scores"])))
+                        for suite in prompts} for name, r in table.items() if "sft" in table and name != "sft"}
+        merge_results(Path(args.out), {"table": table, "setting": setting, "vs_sft": diffs})
     print("\n| run | RTP mean tox | RTP tox ≥0.5 | ToxiGen mean tox | ToxiGen tox ≥0.5 | PubMedQA ppl |")
     print("|---|---|---|---|---|---|")
     for name, r in table.items():
         print(f"| {name} | {r['rtp']['mean_toxicity']:.3f} | {r['rtp']['toxic_frac']:.2f} | "
               f"{r['toxigen']['mean_toxicity']:.3f} | {r['toxigen']['toxic_frac']:.2f} | {r['ppl']:.2f} |")
+    if "sft" in table:
+        print("\nmean toxicity minus sft's on the same prompts (same sampling seed), ± 1.96 standard errors:")
+        for name, r in table.items():
+            if name != "sft":
+                print(name, {suite: "{:+.3f} ± {:.3f}".format(*paired_difference(r[suite]["scores"], table["sft"][suite]["scores"]))
+                             for suite in prompts})
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a − b over paired prompts and 1.96 × its standard error."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, 1.96 * (var / len(d)) ** 0.5
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ load, tokenisation, training, R rounds, saving); ``run_s`` is its wall time and
 medians reported, so machine load hits all of them alike.
 
 Usage: ``python benchmarks/overhead_pr_nado.py [--data-dir ../shared/data] [--repeats 1]
-[--model embedded:smollm2|tiny|DIR] [--threads N]`` (a few minutes per repeat on 2 idle CPU
-cores).
+[--model embedded:smollm2|tiny|DIR] [--threads N] [--steps 6] [--samples 8]`` (a few minutes
+per repeat on 2 idle CPU cores). ``--steps`` and ``--samples`` set the balance between a θ
+round (steps / rounds optimizer steps) and an R round (sampling, labelling, R's epochs): the
+parallel algorithm can hide R's rounds only where an R round is no longer than a θ round.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ ENTRIES = {
 }
 
 
-def run(entry: str, data: Path, out: Path, model: str) -> tuple[float, dict]:
+def run(entry: str, data: Path, out: Path, model: str, steps: int, samples: int) -> tuple[float, dict]:
     from safeft import api
 
     overrides = {
-        "model.name_or_path": model, "data.train.path": str(data), "data.max_length": MAX_LEN, "training.max_steps": STEPS,
+        "model.name_or_path": model, "data.train.path": str(data), "data.max_length": MAX_LEN, "training.max_steps": steps,
         "training.per_device_train_batch_size": BATCH, "training.learning_rate": LR, "training.save_strategy": "no",
         "training.disable_tqdm": True, "output_dir": str(out), "overwrite": True,
     }
     overrides.update({f"method.{k}": v for k, v in ENTRIES[entry].items()})
+    if entry != "sft/lora":
+        overrides["method.samples_per_round"] = samples
     t = time.perf_counter()
     summary = api.train(None, **overrides)
     return time.perf_counter() - t, summary
@@ -78,6 +82,8 @@ def main() -> None:
                          "hidden 64, 2 layers, with SmolLM2's tokenizer)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the main process (on a loaded machine, 1 avoids OpenMP oversubscription)")
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimizer steps of every run (split into the rounds)")
+    ap.add_argument("--samples", type=int, default=NADO["samples_per_round"], help="pr-nado: sequences sampled per round")
     args = ap.parse_args()
     import torch
 
@@ -92,14 +98,14 @@ def main() -> None:
     for rep in range(args.repeats):
         order = list(ENTRIES) if rep % 2 == 0 else list(reversed(ENTRIES))
         for entry in order:
-            secs, summary = run(entry, mix["train"], work / entry.replace("/", "-"), args.model)
+            secs, summary = run(entry, mix["train"], work / entry.replace("/", "-"), args.model, args.steps, args.samples)
             times[entry].append(secs)
             details[entry] = round_times(summary)
             print(f"{entry}: {secs:.1f} s", flush=True)
     med = {e: statistics.median(v) for e, v in times.items()}
     base = med["sft/lora"]
-    setting = (f"{'tiny Llama (hidden 64, 2 layers)' if 'tiny' in args.model else args.model}, LoRA r16, {STEPS} steps x batch {BATCH} x max_length {MAX_LEN}, {ROUNDS} rounds, "
-               f"{NADO['samples_per_round']} samples x {NADO['max_new_tokens']} new tokens per round, "
+    setting = (f"{'tiny Llama (hidden 64, 2 layers)' if 'tiny' in args.model else args.model}, LoRA r16, {args.steps} steps x batch {BATCH} x max_length {MAX_LEN}, {ROUNDS} rounds, "
+               f"{args.samples} samples x {NADO['max_new_tokens']} new tokens per round, "
                f"{torch.get_num_threads()} torch threads (parallel: + a 1-thread R worker process)")
     entries = {}
     for e in ("pr-nado/sequential", "pr-nado/parallel"):
