@@ -92,7 +92,17 @@ def _ra_rlhf(tmp_path, tiny_model_dir, out, **extra) -> dict:
             "output_dir": str(out), **extra}
 
 
-def test_ra_rlhf_kill9_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, caplog):
+@pytest.fixture
+def one_thread():
+    """The killed run's subprocess computes on one thread (OMP_NUM_THREADS=1); the reference and
+    the resumed run here do too, so all three sum in the same order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ra_rlhf_kill9_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, caplog, one_thread):
     """SIGKILL during iteration k (checkpoints k-2 and k-1 on disk, older ones rotated away),
     then truncate checkpoint k-1 (a kill during its save): resume falls back to k-2, and the
     logged rewards, KL coefficients, losses and the final adapter and value head equal those
