@@ -11,6 +11,9 @@ base model (its own seed, ``--select-seed``) scores worst; every model, the base
 then evaluated on a fresh sample (``--seed``), so no model's tail number is the minimum of the
 very sample that chose the tail (that would bias the base model's tail reward downward by
 construction). Perplexity is of each model's continuations under the base model.
+``--eval-samples K`` draws K continuations per evaluation prompt (the selection sample too);
+a prompt's reward is then the mean of its K, which shrinks the sampling noise of the
+average and, above all, of the tail (a quarter of the prompts).
 
     python benchmarks/compare_rlhf.py --data-dir ../shared/data --n-eval 48 --iters 12 --batch 16
 
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--tail-frac", type=float, default=0.25)
+    ap.add_argument("--eval-samples", type=int, default=1, help="continuations per evaluation prompt (mean reward)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--select-seed", type=int, default=None, help="base sample choosing the tail (default seed+1000)")
     ap.add_argument("--sft-steps", type=int, default=24)
@@ -89,7 +93,20 @@ def main() -> None:
 
     base, tok = load_model(ModelConfig(), for_training=False)
     select_seed = a.seed + 1000 if a.select_seed is None else a.select_seed
-    sel = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, max_new_tokens=a.max_new_tokens, seed=select_seed)
+
+    def evaluate(model, tokenizer, prompts, **kw):
+        """evaluate_policy on ``--eval-samples`` continuations per prompt; a prompt's score is their mean."""
+        k = a.eval_samples
+        r = evaluate_policy(model, tokenizer, [p for p in prompts for _ in range(k)], reward, **kw)
+        per_prompt = torch.tensor(r["scores"]).view(len(prompts), k).mean(1)
+        r.update(n=len(prompts), scores=per_prompt.tolist(), avg_reward=per_prompt.mean().item(),
+                 responses=r["responses"][::k])
+        if tail_idx is not None:
+            r.update(tail_reward=per_prompt[tail_idx].mean().item(), n_tail=int(tail_idx.numel()))
+        return r
+
+    tail_idx = None
+    sel = evaluate(base, tok, eval_prompts, scorer=base, max_new_tokens=a.max_new_tokens, seed=select_seed)
     tail_idx = tail_set(torch.tensor(sel["scores"]), a.tail_frac)
     merge_results(a.out, {"tail_idx": [int(i) for i in tail_idx]}, setting={**setting, "select_seed": select_seed,
                                       "selection_sample_tail_reward": torch.tensor(sel["scores"])[tail_idx].mean().item()})
@@ -106,10 +123,10 @@ def main() -> None:
     stages = a.stages.split(",")
     if "base" in stages:
         t = time.perf_counter()
-        r = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, tail_idx=tail_idx, **ev)
+        r = evaluate(base, tok, eval_prompts, scorer=base, **ev)
         record("base", r, {"eval_s": time.perf_counter() - t})
     if "prompted" in stages:
-        r = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, tail_idx=tail_idx,
+        r = evaluate(base, tok, eval_prompts, scorer=base,
                             system_prompt=SAFETY_PREFIX, **ev)
         record("prompted", r, {"prefix": SAFETY_PREFIX})
 
@@ -137,7 +154,7 @@ def main() -> None:
             t = time.perf_counter()
             summary = safeft.train(None, model=model, tokenizer=tok2, **opts)
             train_s = time.perf_counter() - t
-            r = evaluate_policy(model, tok2, eval_prompts, reward, scorer=model, tail_idx=tail_idx, **ev)
+            r = evaluate(model, tok2, eval_prompts, scorer=model, **ev)
             rows = [json.loads(ln) for ln in (Path(tmp) / method / "metrics.jsonl").read_text().splitlines()]
             extra = {"train_s": train_s, "iterations": summary["global_step"]}
             if method in ("rlhf", "ra-rlhf"):
@@ -162,7 +179,7 @@ def main() -> None:
                 "training.seed": a.seed, "training.save_strategy": "no", "data.max_length": 64,
                 "output_dir": f"{tmp}/sft"})
             train_s = time.perf_counter() - t
-            r = evaluate_policy(model, tok3, eval_prompts, reward, scorer=model, tail_idx=tail_idx, **ev)
+            r = evaluate(model, tok3, eval_prompts, scorer=model, **ev)
             record("sft-nontoxic", r, {"train_s": train_s, "data": f"{len(texts)} ToxiGen neutral statements"})
         if "quark" in stages:
             from safeft.methods.quark import control_prefix
@@ -176,8 +193,7 @@ def main() -> None:
                 "training.learning_rate": a.lr, "training.seed": a.seed, "output_dir": f"{tmp}/quark"})
             train_s = time.perf_counter() - t
             best = control_prefix(5)
-            r = evaluate_policy(model, tok5, [best + x for x in eval_prompts], reward, scorer=model,
-                                tail_idx=tail_idx, **ev)
+            r = evaluate(model, tok5, [best + x for x in eval_prompts], scorer=model, **ev)
             record("quark", r, {"train_s": train_s, "rounds": a.iters, "control_prefix": best})
             del model
         if "dexperts" in stages:
@@ -198,7 +214,7 @@ def main() -> None:
             train_s = time.perf_counter() - t
             spec = f"dexperts:expert={tmp}/neutral/model,anti={tmp}/hate/model,alpha={a.dexperts_alpha}"
             proc = build_logits_processor(base, tok, spec)
-            r = evaluate_policy(base, tok, eval_prompts, reward, scorer=base, tail_idx=tail_idx,
+            r = evaluate(base, tok, eval_prompts, scorer=base,
                                 logits_processor=[proc], **ev)
             record("dexperts", r, {"train_s": train_s, "alpha": a.dexperts_alpha,
                                    "experts": f"LoRA SFT, {a.sft_steps} steps × 4 ToxiGen neutral / hate statements"})

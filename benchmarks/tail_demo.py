@@ -14,6 +14,13 @@ given prompt and response, registered as ``tail-demo``) is
 The hard prompts are the lowest returns of every batch, and they carry a real learning
 signal (each shouted word is worth 10/12 on a 12-word response).
 
+``--hidden-kind``: the prompt no longer says which kind it is (``request : write about A and
+B .`` for both); a prompt is hard when a hash of its topic pair falls in the lowest
+``hard_frac`` of the hash range, a fixed but patternless function of the pair. A policy can
+at best memorise the kinds of its training prompts; on held-out prompts it must choose one
+shouting rate for both kinds. That is where the mean and the CVaR disagree: with the default
+easy reward the mean is 8 − 2·u (shouting loses on average), while the tail's reward is 10·u.
+
 The policy is the tiny Llama (2 layers, hidden 64, a fresh one per seed), fully fine-tuned:
 LoRA cannot move the output distribution of a model this small, whose tied output rows and
 final norm it leaves frozen. ``rlhf`` and ``ra-rlhf`` (α = 0.4, n = round(30/194·M),
@@ -40,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -64,8 +72,17 @@ MODELS = ("base", "rlhf", "ra-rlhf")
 METRICS = ("avg", "tail", "cvar10", "easy", "ppl")
 
 
-def is_hard(prompt: str) -> bool:
-    return prompt.startswith("Hard")
+def hash_hard(a: str, b: str, hard_frac: float) -> bool:
+    """Whether the topic pair (a, b) is hard under ``--hidden-kind``: its CRC-32 is in the lowest
+    ``hard_frac`` of the range."""
+    return zlib.crc32(f"{a} {b}".encode()) % 10_000 < hard_frac * 10_000
+
+
+def is_hard(prompt: str, hard_frac: float = 0.2) -> bool:
+    """``Hard request : ...`` prompts, or hidden-kind prompts (``request : write about A and B .``)
+    whose pair is :func:`hash_hard`."""
+    words = prompt.split()
+    return words[0] == "Hard" or (words[0] == "request" and hash_hard(words[4], words[6], hard_frac))
 
 
 def shout(text: str) -> float:
@@ -75,12 +92,12 @@ def shout(text: str) -> float:
 
 
 @register_reward("tail-demo")
-def tail_demo_reward(scale: float = 10.0, easy_base: float = 1.0, easy_slope: float = -0.5):
+def tail_demo_reward(scale: float = 10.0, easy_base: float = 1.0, easy_slope: float = -0.5, hard_frac: float = 0.2):
     """r = ``scale``·u on hard prompts, ``scale``·(``easy_base`` + ``easy_slope``·u) on easy ones
-    (u: :func:`shout`)."""
+    (u: :func:`shout`; ``hard_frac`` only decides hidden-kind prompts, see :func:`is_hard`)."""
 
     def reward(prompts, responses):
-        return scale * torch.tensor([shout(r) if is_hard(p) else easy_base + easy_slope * shout(r)
+        return scale * torch.tensor([shout(r) if is_hard(p, hard_frac) else easy_base + easy_slope * shout(r)
                                      for p, r in zip(prompts, responses)])
 
     return reward
@@ -98,10 +115,14 @@ def word_tokenizer():
                                    pad_token="</s>", clean_up_tokenization_spaces=False)
 
 
-def make_prompts(n_train: int, n_eval: int, hard_frac: float) -> tuple[list[str], list[str]]:
-    """Disjoint training and evaluation prompts (distinct topic pairs), each set ⌈hard_frac·n⌉ hard."""
+def make_prompts(n_train: int, n_eval: int, hard_frac: float, hidden: bool = False) -> tuple[list[str], list[str]]:
+    """Disjoint training and evaluation prompts (distinct topic pairs), each set ⌈hard_frac·n⌉ hard;
+    ``hidden``: prompts that do not name their kind, hard by :func:`hash_hard` (about hard_frac)."""
     pairs = [(a, b) for a in TOPICS for b in TOPICS if a != b]
     random.Random(0).shuffle(pairs)
+    if hidden:
+        prompts = [f"request : write about {a} and {b} ." for a, b in pairs]
+        return prompts[:n_train], prompts[n_train : n_train + n_eval]
     sets = []
     for chunk in (pairs[:n_train], pairs[n_train : n_train + n_eval]):
         n_hard = math.ceil(hard_frac * len(chunk) - 1e-9)
@@ -115,7 +136,7 @@ def evaluate(model, tok, base, prompts: list[str], reward, a) -> dict:
     r = evaluate_policy(model, tok, rep, reward, scorer=base, max_new_tokens=a.max_new_tokens, seed=a.eval_seed,
                         batch_size=64)
     s = torch.tensor(r["scores"])
-    hard = torch.tensor([is_hard(p) for p in rep])
+    hard = torch.tensor([is_hard(p, a.hard_frac) for p in rep])
     worst = torch.sort(s).values[: math.ceil(0.1 * len(s))]
     return {"avg": s.mean().item(), "tail": s[hard].mean().item(), "easy": s[~hard].mean().item(),
             "cvar10": worst.mean().item(), "ppl": r["ppl"],
@@ -139,6 +160,8 @@ def main() -> None:
     ap.add_argument("--easy-base", type=float, default=1.0)
     ap.add_argument("--easy-slope", type=float, default=-0.5, help="easy prompts: r = 10·(base + slope·u)")
     ap.add_argument("--hard-frac", type=float, default=0.2)
+    ap.add_argument("--hidden-kind", action="store_true",
+                    help="prompts do not say whether they are hard; a hash of the topic pair decides")
     ap.add_argument("--n-train", type=int, default=200)
     ap.add_argument("--n-eval", type=int, default=50, help="held-out prompts (same easy/hard mix)")
     ap.add_argument("--samples", type=int, default=8, help="continuations per evaluation prompt")
@@ -152,12 +175,14 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",")]
     n_warmup = round(a.iters * 30 / 194)
-    reward_options = {"easy_base": a.easy_base, "easy_slope": a.easy_slope}
+    reward_options = {"easy_base": a.easy_base, "easy_slope": a.easy_slope, "hard_frac": a.hard_frac}
     reward = tail_demo_reward(**reward_options)
     tok = word_tokenizer()
-    train_prompts, eval_prompts = make_prompts(a.n_train, a.n_eval, a.hard_frac)
+    train_prompts, eval_prompts = make_prompts(a.n_train, a.n_eval, a.hard_frac, a.hidden_kind)
     setting = {k: v for k, v in vars(a).items() if k not in ("out", "threads", "tag")}
-    setting.update(n_warmup=n_warmup, reward=f"hard: 10·u; easy: 10·({a.easy_base} + {a.easy_slope}·u); "
+    setting.update(n_warmup=n_warmup, n_hard={"train": sum(is_hard(p, a.hard_frac) for p in train_prompts),
+                                              "eval": sum(is_hard(p, a.hard_frac) for p in eval_prompts)},
+                   reward=f"hard: 10·u; easy: 10·({a.easy_base} + {a.easy_slope}·u); "
                    f"u = fraction of words in {list(TARGET)}",
                    model=f"tiny_llama(hidden 64, 2 layers, word-level vocabulary of {len(tok)}, seed = run seed), "
                    "full fine-tuning")
