@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--n-toxic", type=int, default=48, help="toxic training rows")
     ap.add_argument("--lam", type=float, default=1.0, help="pr-nado's λ")
     ap.add_argument("--rounds", type=int, default=2, help="pr-nado's rounds")
+    ap.add_argument("--utility-lam", type=float, default=1.0,
+                    help="pr-nado/adaptive: weight of KL to the start on the non-toxic rows (0: none)")
     ap.add_argument("--out", default=str(RESULTS / "pr_nado_compare.json"))
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and prompts")
     args = ap.parse_args()
@@ -162,7 +164,7 @@ def main() -> None:
         "filter": {"name": "filter"},
         "pr-nado": {"name": "pr-nado", **nado_opts},
         "pr-nado/adaptive": {"name": "pr-nado", **nado_opts, "adaptive": True, "assign": "tag",
-                             "toxic_tags": ["toxic", "neutral"]},
+                             "toxic_tags": ["toxic", "neutral"], "utility_lam": args.utility_lam},
     }
     table: dict = {}
     base, tok = load_model("embedded:smollm2", for_training=False)
