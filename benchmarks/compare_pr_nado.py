@@ -13,7 +13,9 @@ Data (all read from ../shared/data, written to a temporary directory, never into
 - utility: perplexity on PubMedQA test-split abstracts (held out).
 
 Usage: ``python benchmarks/compare_pr_nado.py --data-dir ../shared/data`` (about 10 minutes on
-2 CPU cores; ``--quick`` for a smoke run). Writes ``benchmarks/results/pr_nado_compare.json``
+2 CPU cores; ``--quick`` for a smoke run). ``--eval-samples K`` scores each prompt by the mean
+of K continuations (less sampling noise per prompt); ``--nado KEY=VALUE`` sets a further pr-nado
+option (``r_epochs=8``, ``soft_labels=false``). Writes ``benchmarks/results/pr_nado_compare.json``
 (or ``--out``) and prints a markdown table.
 """
 
@@ -26,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, merge_results  # noqa: E402
@@ -88,7 +92,9 @@ def eval_prompts(data_dir: Path, eval_groups: list[str], n: int, seed: int = 0,
 
 
 def evaluate(model, tok, prompts: dict[str, list[str]], ppl_texts: list[str], *, new_tokens: int,
-             processor=None) -> dict:
+             processor=None, samples: int = 1) -> dict:
+    """Toxicity per suite and held-out perplexity. Each prompt gets ``samples`` continuations
+    and its score is their mean toxicity (``toxic_frac``: share of prompts whose mean is ≥ 0.5)."""
     from safeft.eval.generate import generate
     from safeft.eval.judges import get_judge
     from safeft.eval.utility import perplexity
@@ -97,8 +103,10 @@ def evaluate(model, tok, prompts: dict[str, list[str]], ppl_texts: list[str], *,
     res = {}
     for suite, ps in prompts.items():
         outs = generate(model, tok, ps, chat=False, max_new_tokens=new_tokens, do_sample=True, temperature=1.0,
-                        top_p=0.9, seed=0, batch_size=16, logits_processor=processor, max_prompt_tokens=96)
-        scores = [v.score for v in judge.judge(ps, outs)]
+                        top_p=0.9, seed=0, batch_size=16, logits_processor=processor, max_prompt_tokens=96,
+                        num_return_sequences=samples)
+        flat = [v.score for v in judge.judge([p for p in ps for _ in range(samples)], outs)]
+        scores = [sum(flat[i * samples:(i + 1) * samples]) / samples for i in range(len(ps))]
         res[suite] = {"mean_toxicity": sum(scores) / len(scores), "toxic_frac": sum(s >= 0.5 for s in scores) / len(scores),
                       "n": len(scores), "scores": [round(float(x), 4) for x in scores]}
     if ppl_texts:
@@ -139,6 +147,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="pr-nado's rounds")
     ap.add_argument("--utility-lam", type=float, default=1.0,
                     help="pr-nado/adaptive: weight of KL to the start on the non-toxic rows (0: none)")
+    ap.add_argument("--eval-samples", type=int, default=1,
+                    help="continuations per evaluation prompt; a prompt's score is their mean toxicity")
+    ap.add_argument("--nado", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further pr-nado option, e.g. r_epochs=8 or soft_labels=false (YAML value; repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "pr_nado_compare.json"))
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and prompts")
     args = ap.parse_args()
@@ -159,6 +171,11 @@ def main() -> None:
     mix["ppl_texts"] = mix["ppl_texts"][: args.n_ppl]
     prompts = eval_prompts(data_dir, mix["eval_groups"], args.n_prompts, exclude=mix["rtp_train"])
     nado_opts = {"rounds": args.rounds, "samples_per_round": args.samples, "max_new_tokens": 20, "lam": args.lam}
+    for kv in args.nado:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            ap.error(f"--nado: expected KEY=VALUE, got {kv!r}")
+        nado_opts[key] = yaml.safe_load(value)
     runs = {
         "sft": {"name": "sft"},
         "filter": {"name": "filter"},
@@ -168,13 +185,15 @@ def main() -> None:
     }
     table: dict = {}
     base, tok = load_model("embedded:smollm2", for_training=False)
-    table["base"] = evaluate(base, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens)
+    table["base"] = evaluate(base, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens,
+                             samples=args.eval_samples)
     print("base", table["base"], flush=True)
     runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
     for name, method in runs.items():
         summary, secs = train(method, mix["train"], work / name.replace("/", "-"), args.steps)
         model, tok = load_model(str(work / name.replace("/", "-") / "model"), for_training=False)
-        table[name] = {**evaluate(model, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens),
+        table[name] = {**evaluate(model, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens,
+                                  samples=args.eval_samples),
                        "train_s": round(secs, 1)}
         if "filter" in summary:
             table[name]["filter"] = summary["filter"]
@@ -185,7 +204,8 @@ def main() -> None:
     if "pr-nado" not in runs:
         return _report(table, args, mix, prompts, nado_opts)
     proc = nado.nado_decoding(base, tok, f"{work / 'pr-nado' / 'nado'},top_k=32")
-    table["nado-decoding"] = evaluate(base, tok, prompts, [], new_tokens=args.new_tokens, processor=proc)
+    table["nado-decoding"] = evaluate(base, tok, prompts, [], new_tokens=args.new_tokens, processor=proc,
+                                      samples=args.eval_samples)
     table["nado-decoding"]["ppl"] = table["base"]["ppl"]
     table["nado-decoding"]["note"] = "base model + pr-nado's final R; perplexity is the base model's (decoding leaves it unchanged)"
     proc.close()
@@ -200,7 +220,8 @@ def _report(table: dict, args, mix: dict, prompts: dict, nado_opts: dict) -> Non
                          + " + 24 ToxiGen neutral statements (train groups) + 48 PubMedQA abstracts"),
                "train_groups": mix["train_groups"], "eval_groups": mix["eval_groups"],
                "prompts": {k: len(v) for k, v in prompts.items()}, "new_tokens": args.new_tokens,
-               "sampling": "temperature 1.0, top_p 0.9, seed 0", "judge": "toxicity (alt-profanity-check)",
+               "sampling": "temperature 1.0, top_p 0.9, seed 0",
+               "eval_samples": args.eval_samples, "judge": "toxicity (alt-profanity-check)",
                "ppl": f"{len(mix['ppl_texts'])} PubMedQA test-split abstracts (first 600 chars, at most 128 tokens)",
                "pr_nado": nado_opts, "command": " ".join(sys.argv[1:])}
     if not args.quick:
