@@ -128,6 +128,30 @@ def train(method: dict, data: Path, out: Path, steps: int) -> tuple[dict, float]
     return summary, time.perf_counter() - t
 
 
+def train_rlhf(work: Path, data: Path, iters: int, batch: int, new_tokens: int):
+    """The paper's RL baseline, read as RL after fine-tuning: the sft model (its adapter merged)
+    gets a fresh LoRA and PPO with the offline toxicity reward, the KL penalty to the sft model
+    (the adapter-disabled reference), on continuation prompts made of the first 8 words of each
+    training row. Returns the in-memory policy (its saved adapter would load onto the base model,
+    not the merged sft one)."""
+    from safeft import api
+    from safeft.config import ModelConfig
+    from safeft.models import add_lora, load_model
+
+    sft, tok = load_model(str(work / "sft" / "model"), for_training=False)
+    policy = add_lora(sft.merge_and_unload(), ModelConfig().lora)
+    prompts = [" ".join(json.loads(ln)["text"].split()[:8]) for ln in data.read_text().splitlines()]
+    ptxt = work / "rl_prompts.txt"
+    ptxt.write_text("\n".join(prompts) + "\n")
+    t = time.perf_counter()
+    summary = api.train(None, model=policy, tokenizer=tok, **{
+        "method.name": "rlhf", "data.train.path": str(ptxt), "method.max_new_tokens": new_tokens,
+        "method.batch_size": batch, "method.mini_batch_size": max(1, batch // 2), "training.max_steps": iters,
+        "training.learning_rate": LR, "training.disable_tqdm": True, "training.save_strategy": "no",
+        "output_dir": str(work / "rlhf"), "overwrite": True})
+    return policy, tok, time.perf_counter() - t, summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -135,7 +159,8 @@ def main() -> None:
     ap.add_argument("--n-prompts", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--runs", default="sft,filter,pr-nado,pr-nado/adaptive",
-                    help="comma-separated subset of: sft, filter, pr-nado, pr-nado/adaptive")
+                    help="comma-separated subset of: sft, filter, pr-nado, pr-nado/adaptive, rlhf "
+                         "(PPO on the sft model; needs sft in the list)")
     ap.add_argument("--n-ppl", type=int, default=24, help="held-out PubMedQA abstracts for perplexity")
     ap.add_argument("--samples", type=int, default=24, help="pr-nado: sequences sampled per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids OpenMP oversubscription on a loaded machine)")
@@ -151,11 +176,16 @@ def main() -> None:
                     help="continuations per evaluation prompt; a prompt's score is their mean toxicity")
     ap.add_argument("--nado", action="append", default=[], metavar="KEY=VALUE",
                     help="a further pr-nado option, e.g. r_epochs=8 or soft_labels=false (YAML value; repeatable)")
+    ap.add_argument("--rl-iters", type=int, default=24, help="rlhf: PPO iterations")
+    ap.add_argument("--rl-batch", type=int, default=8, help="rlhf: episodes per PPO iteration")
     ap.add_argument("--out", default=str(RESULTS / "pr_nado_compare.json"))
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and prompts")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.n_prompts, args.new_tokens = 4, 4, 8
+        args.steps, args.n_prompts, args.new_tokens, args.rl_iters, args.rl_batch = 4, 4, 8, 2, 4
+    chosen = args.runs.split(",")
+    if "rlhf" in chosen and "sft" not in chosen:
+        ap.error("--runs: rlhf fine-tunes the sft model, so the list must also name sft")
     import torch
 
     from safeft import nado
@@ -188,7 +218,7 @@ def main() -> None:
     table["base"] = evaluate(base, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens,
                              samples=args.eval_samples)
     print("base", table["base"], flush=True)
-    runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
+    runs = {k: v for k, v in runs.items() if k in chosen}
     for name, method in runs.items():
         summary, secs = train(method, mix["train"], work / name.replace("/", "-"), args.steps)
         model, tok = load_model(str(work / name.replace("/", "-") / "model"), for_training=False)
@@ -201,6 +231,15 @@ def main() -> None:
             table[name]["r_rounds"] = [{k: r[k] for k in ("round", "mean_toxicity", "bce_first_epoch", "bce_last_epoch")}
                                        for r in summary["rounds"]["r_rounds"]]
         print(name, table[name], flush=True)
+    if "rlhf" in chosen:
+        model, tok, secs, summary = train_rlhf(work, mix["train"], args.rl_iters, args.rl_batch, args.new_tokens)
+        table["rlhf"] = {**evaluate(model, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens,
+                                    samples=args.eval_samples),
+                         "train_s": round(secs, 1), "iterations": summary["global_step"],
+                         "note": "PPO (safeft rlhf, offline toxicity reward) on the merged sft model, KL to it; "
+                                 "prompts: the first 8 words of each training row"}
+        print("rlhf", table["rlhf"], flush=True)
+        del model
     if "pr-nado" not in runs:
         return _report(table, args, mix, prompts, nado_opts)
     proc = nado.nado_decoding(base, tok, f"{work / 'pr-nado' / 'nado'},top_k=32")
