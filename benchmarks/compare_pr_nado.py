@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, merge_results  # noqa: E402
 
@@ -189,6 +187,8 @@ def main() -> None:
     import torch
 
     from safeft import nado
+    from safeft.config import parse_override
+    from safeft.errors import ConfigError
     from safeft.models import load_model
 
     if args.threads:
@@ -202,10 +202,11 @@ def main() -> None:
     prompts = eval_prompts(data_dir, mix["eval_groups"], args.n_prompts, exclude=mix["rtp_train"])
     nado_opts = {"rounds": args.rounds, "samples_per_round": args.samples, "max_new_tokens": 20, "lam": args.lam}
     for kv in args.nado:
-        key, sep, value = kv.partition("=")
-        if not sep:
+        try:
+            key, value = parse_override(kv)
+        except ConfigError:
             ap.error(f"--nado: expected KEY=VALUE, got {kv!r}")
-        nado_opts[key] = yaml.safe_load(value)
+        nado_opts[key] = value
     runs = {
         "sft": {"name": "sft"},
         "filter": {"name": "filter"},
