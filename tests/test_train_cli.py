@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from safeft.cli import main
+from safeft.engine.trainer import checkpoint_problem
 
 
 def _run(argv, capsys):
@@ -120,17 +121,19 @@ def test_killed_run_resumes_to_the_same_weights(capsys, tiny_model_dir, chat_jso
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "safeft", *_base(tiny_model_dir, chat_jsonl, killed, *common)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    first = killed / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    first = killed / "checkpoints" / "checkpoint-4"
     deadline = time.time() + 600
-    while not first.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # let the checkpoint finish writing its other files
+    # Kill as soon as checkpoint-4 is whole by the engine's own resume check (trainer_state.json,
+    # which the Trainer writes last, parses and names step 4; the weights and states are complete),
+    # not after a fixed wait: on an idle machine the tiny model runs the remaining steps in 0.3 s.
+    while (not first.is_dir() or checkpoint_problem(first)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model").exists(), "the run finished before it could be killed"
     done = sorted(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*"))
-    assert done and max(done) < 12
+    assert done and max(done) < 12 and checkpoint_problem(first) is None
 
     rc, stdout, _ = _run([*_base(tiny_model_dir, chat_jsonl, killed, *common), "--resume"], capsys)
     assert rc == 0 and "12 steps" in stdout
