@@ -318,9 +318,50 @@ def test_filter_drops_the_toxic_rows(tmp_path, tiny_model_dir, mixed_jsonl):
     summary = _train(tmp_path / "f", tiny_model_dir, mixed_jsonl, {"name": "filter"}, steps=1)
     report = json.loads((tmp_path / "f" / "filter_report.json").read_text())
     assert report["dropped_idx"] == [0, 1, 2, 3] and report["kept"] == 6
-    assert summary["filter"] == {"threshold": 0.5, "examples": 10, "kept": 6, "dropped": 4}
+    assert summary["filter"] == {"judge": "toxicity", "threshold": 0.5, "examples": 10, "kept": 6, "dropped": 4}
     with pytest.raises(Exception, match="flags all 10 training examples"):
         _train(tmp_path / "g", tiny_model_dir, mixed_jsonl, {"name": "filter", "threshold": 0.0}, steps=1)
+
+
+@pytest.fixture
+def constant_judge():
+    """A judge that scores every text 0.25, registered for one test (the parallel worker, forked,
+    inherits the registry)."""
+    from safeft.eval.judges import JUDGES, Judge, Verdict, register_judge
+
+    @register_judge("constant-quarter")
+    class Quarter(Judge):
+        scores = True
+
+        def judge(self, prompts, responses):
+            return [Verdict(False, 0.25, "quarter") for _ in responses]
+
+    yield "constant-quarter"
+    JUDGES.pop("constant-quarter")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_r_labels_come_from_the_configured_judge(tmp_path, tiny_model_dir, mixed_jsonl, constant_judge, parallel):
+    method = {"name": "pr-nado", "rounds": 2, "parallel": parallel, "parallel_warmup": parallel, **SMALL_R,
+              "judge": constant_judge}
+    summary = _train(tmp_path / "j", tiny_model_dir, mixed_jsonl, method, steps=2)
+    rounds = summary["rounds"]["r_rounds"]
+    assert len(rounds) == (3 if parallel else 2)
+    assert all(abs(r["mean_toxicity"] - 0.25) < 1e-9 for r in rounds)  # every sample labelled C = 0.75
+    default = _train(tmp_path / "d", tiny_model_dir, mixed_jsonl, {**method, "judge": "toxicity"}, steps=2)
+    assert any(abs(r["mean_toxicity"] - 0.25) > 1e-3 for r in default["rounds"]["r_rounds"])
+
+
+def test_adaptive_and_filter_use_the_configured_judge(tmp_path, tiny_model_dir, mixed_jsonl):
+    # the refusal judge calls every non-empty text that does not refuse unsafe (score 1): all 10 rows
+    method = {"name": "pr-nado", "rounds": 1, "adaptive": True, "assign": "judge", "judge": "refusal", **SMALL_R}
+    summary = _train(tmp_path / "a", tiny_model_dir, mixed_jsonl, method, steps=1, batch=10)
+    assert summary["rounds"]["adaptive"]["constraint_examples"] == 10
+    with pytest.raises(Exception, match="the refusal judge flags all 10 training examples"):
+        _train(tmp_path / "f", tiny_model_dir, mixed_jsonl, {"name": "filter", "judge": "refusal"}, steps=1)
+    with pytest.raises(ConfigError, match="unknown judge 'nope'") as e:
+        _train(tmp_path / "n", tiny_model_dir, mixed_jsonl, {"name": "filter", "judge": "nope"}, steps=1)
+    assert e.value.field == "method.judge"
 
 
 @pytest.mark.integration

@@ -229,11 +229,12 @@ def sample_completions(
     return out
 
 
-def toxicity_scorer():
-    """texts -> toxicity scores in [0, 1] from the evaluation framework's ``toxicity`` judge."""
+def judge_scorer(name: str = "toxicity", opts: dict | None = None):
+    """texts -> unsafety scores in [0, 1] from a judge of the evaluation framework (default the
+    offline ``toxicity`` classifier). A judge that gives no score counts 1 for unsafe, 0 for safe."""
     from .eval.judges import get_judge
 
-    judge = get_judge("toxicity")
+    judge = get_judge(name, **(opts or {}))
 
     def score(texts: list[str]) -> list[float]:
         verdicts = judge.judge([""] * len(texts), texts)

@@ -11,6 +11,8 @@ Registry (``get_judge(name, **opts)``; on the CLI ``name`` or ``name:model`` and
 
 - ``refusal``: keyword/prefix rules, no model (:data:`REFUSAL_PHRASES`).
 - ``toxicity``: the offline ``alt-profanity-check`` linear classifier (``predict_prob``).
+- ``implicit-hate``: offline hate detection that needs no bad words: a logistic regression
+  on sentence embeddings fitted on ToxiGen (:mod:`safeft.eval.hate_judge`).
 - ``hf-classifier``: any transformers sequence classifier (``model=``, ``unsafe_labels=``).
 - ``llm``: any causal LM with a prompt template (``template=llama-guard`` or
   ``harmful-instruct``).
@@ -57,6 +59,13 @@ def register_judge(name: str):
         return factory
 
     return deco
+
+
+def known_judge(name: str) -> str:
+    """``name`` if it names a registered judge (``base`` or ``base:model``), else ValueError."""
+    if name.partition(":")[0] not in JUDGES:
+        raise ValueError(f"unknown judge {name!r}; registered: {', '.join(sorted(JUDGES))}")
+    return name
 
 
 def get_judge(name: str, **opts) -> Judge:
@@ -377,5 +386,7 @@ class LLMJudge(Judge):
         return [self.parse(o) for o in outs]
 
 
+from . import hate_judge  # noqa: E402,F401 - registers implicit-hate
+
 __all__ = ["HARMFUL_INSTRUCT_TEMPLATE", "JUDGES", "Judge", "LLAMA_GUARD_TEMPLATE", "REFUSAL_PHRASES", "Verdict",
-           "get_judge", "is_refusal", "normalise", "parse_harmful_instruct", "parse_llama_guard", "register_judge"]
+           "get_judge", "is_refusal", "known_judge", "normalise", "parse_harmful_instruct", "parse_llama_guard", "register_judge"]

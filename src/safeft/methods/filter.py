@@ -2,7 +2,8 @@
 drop the training examples a judge scores toxic, then plain SFT on the rest.
 
 Each example's *trained text* (its response tokens; for plain-text data, the whole text) is
-scored by the ``toxicity`` judge of the evaluation framework; examples scoring at or above
+scored by a judge of the evaluation framework (``judge``, default the offline ``toxicity``
+classifier; ``implicit-hate`` for hate without bad words); examples scoring at or above
 ``threshold`` are removed. The kept/dropped counts and the dropped indices are written to
 ``filter_report.json`` in the output directory.
 """
@@ -10,8 +11,9 @@ scored by the ``toxicity`` judge of the evaluation framework; examples scoring a
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import nado
 from ..engine.run import atomic_write_text
@@ -22,7 +24,16 @@ from .sft import SFT
 
 class FilterParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    threshold: float = Field(0.5, ge=0, le=1, description="drop examples whose toxicity score is ≥ this")
+    threshold: float = Field(0.5, ge=0, le=1, description="drop examples whose judge score is ≥ this")
+    judge: str = "toxicity"
+    judge_opts: dict[str, Any] = Field(default_factory=dict, description="options of the judge")
+
+    @field_validator("judge")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from ..eval.judges import known_judge
+
+        return known_judge(v)
 
 
 def trained_texts(dataset, tokenizer) -> list[str]:
@@ -33,7 +44,7 @@ def trained_texts(dataset, tokenizer) -> list[str]:
 @register
 class Filter(SFT):
     name = "filter"
-    summary = "drop training examples the toxicity judge flags, then plain SFT"
+    summary = "drop training examples a judge (default toxicity) flags, then plain SFT"
     paper = "Meng et al., Attribute Controlled Fine-tuning for LLMs (EMNLP 2024 Findings), filtering baseline"
     Params = FilterParams
 
@@ -41,14 +52,15 @@ class Filter(SFT):
         from ..engine.trainer import fit
 
         ds = self.run.train_dataset
-        scores = nado.toxicity_scorer()(trained_texts(ds, self.run.tokenizer))
+        p = self.params
+        scores = nado.judge_scorer(p.judge, p.judge_opts)(trained_texts(ds, self.run.tokenizer))
         keep = [i for i, s in enumerate(scores) if s < self.params.threshold]
         dropped = [int(ds[i]["idx"]) for i, s in enumerate(scores) if s >= self.params.threshold]
         if not keep:
-            raise DataError(f"the toxicity judge flags all {len(ds)} training examples at threshold "
+            raise DataError(f"the {p.judge} judge flags all {len(ds)} training examples at threshold "
                             f"{self.params.threshold}; nothing is left to train on", field="method.threshold")
         self.run.train_dataset = ds.select(keep)
-        report = {"threshold": self.params.threshold, "examples": len(ds), "kept": len(keep),
+        report = {"judge": p.judge, "threshold": self.params.threshold, "examples": len(ds), "kept": len(keep),
                   "dropped": len(dropped), "dropped_idx": dropped}
         atomic_write_text(self.run.output_dir / "filter_report.json", json.dumps(report, indent=2))
         summary = fit(self.run, self)

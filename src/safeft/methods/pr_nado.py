@@ -9,7 +9,7 @@ Loss per response token of a training sequence (x, y)::
 
 R is the NADO constraint model (:mod:`safeft.nado`): the probability that a continuation
 of the prefix ends non-toxic, trained by BCE on sequences sampled from the current LLM and
-labelled by the ``toxicity`` judge. q is the closest distribution to p_θ that respects R
+labelled by a judge (``judge``, default the offline ``toxicity`` classifier). q is the closest distribution to p_θ that respects R
 (posterior regularization's E-step) and is held fixed while θ moves toward it (the M-step),
 so the gradient w.r.t. a logit is p_θ − q. R is evaluated on the ``top_k`` most likely
 tokens of p_θ (``top_k: 0`` = the whole vocabulary); the rest keep their probability
@@ -48,11 +48,11 @@ import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -83,7 +83,18 @@ class PRNadoParams(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     soft_labels: bool = True
-    """Label C = 1 − toxicity score (soft) or 1[score < 0.5] (hard)."""
+    """Label C = 1 − the judge's score (soft) or 1[score < 0.5] (hard)."""
+    judge: str = "toxicity"
+    """The evaluation framework's judge that labels R's samples (and, with ``assign: judge``, the
+    training examples): ``toxicity`` (offline profanity classifier), ``implicit-hate``, ..."""
+    judge_opts: dict[str, Any] = Field(default_factory=dict, description="options of the judge")
+
+    @field_validator("judge")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from ..eval.judges import known_judge
+
+        return known_judge(v)
     r_epochs: int = Field(4, ge=1)
     r_lr: float = Field(1e-3, gt=0)
     r_inner: int = Field(256, ge=1)
@@ -133,7 +144,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _r_worker(model_cfg: dict, round_opts: dict, threads: int, jobs, results) -> None:
+def _r_worker(model_cfg: dict, round_opts: dict, judge: tuple[str, dict], threads: int, jobs, results) -> None:
     """The parallel algorithm's R process: load the model once, then per job load θ_{r−1}'s
     trainable weights, sample, label, train R (warm-started from the previous round's R, or
     from the job's ``init`` weights when a resumed run restarts the worker). Exits on its own when
@@ -148,7 +159,7 @@ def _r_worker(model_cfg: dict, round_opts: dict, threads: int, jobs, results) ->
 
         model, tok = load_model(ModelConfig.model_validate(model_cfg))
         cm = nado.ConstraintModel.for_model(model, round_opts.pop("inner"))
-        scorer = nado.toxicity_scorer()
+        scorer = nado.judge_scorer(*judge)
         results.put({"ready": time.time()})
         while True:
             try:
@@ -321,7 +332,7 @@ class PRNado(Method):
         resumed run restore ``resume_from``'s state and restart the R round that was in flight."""
         if not self.params.parallel:
             self._cm = nado.ConstraintModel.for_model(self.run.model, self.params.r_inner)
-            self._scorer = nado.toxicity_scorer()
+            self._scorer = nado.judge_scorer(self.params.judge, self.params.judge_opts)
             if resume_from is not None:
                 self._restore(resume_from)
             return
@@ -334,7 +345,8 @@ class PRNado(Method):
         opts = {**self._round_opts(), "inner": self.params.r_inner}
         self._proc = ctx.Process(
             target=_r_worker, daemon=True,
-            args=(self.run.cfg.model.model_dump(mode="json"), opts, self.params.worker_threads, self._jobs, self._results),
+            args=(self.run.cfg.model.model_dump(mode="json"), opts, (self.params.judge, self.params.judge_opts),
+                  self.params.worker_threads, self._jobs, self._results),
         )
         self._proc.start()
         if resume_from is not None:
@@ -435,7 +447,7 @@ class PRNado(Method):
             self.is_constraint = self._flags_from_tags(ds)
         else:
             texts = [self.run.tokenizer.decode([t for t in ex["labels"] if t != -100], skip_special_tokens=True) for ex in ds]
-            scores = nado.toxicity_scorer()(texts)
+            scores = nado.judge_scorer(p.judge, p.judge_opts)(texts)
             flags = torch.zeros(max(ds["idx"]) + 1, dtype=torch.bool)
             for ex, s in zip(ds, scores):
                 flags[ex["idx"]] = s >= p.judge_threshold
