@@ -323,6 +323,23 @@ def test_filter_drops_the_toxic_rows(tmp_path, tiny_model_dir, mixed_jsonl):
         _train(tmp_path / "g", tiny_model_dir, mixed_jsonl, {"name": "filter", "threshold": 0.0}, steps=1)
 
 
+def test_cli_parallel_flag_runs_the_parallel_schedule(tmp_path, tiny_model_dir, mixed_jsonl, capsys):
+    from safeft.cli import main
+
+    out = tmp_path / "cli-par"
+    rc = main(["train", "--method", "pr-nado", "--parallel", "--model", str(tiny_model_dir), "--data", str(mixed_jsonl),
+               "--max-steps", "2", "--batch-size", "2", "--max-length", "32", "-o", str(out),
+               "--set", "method.rounds=2", "--set", "method.samples_per_round=4", "--set", "method.max_new_tokens=6",
+               "--set", "method.r_epochs=1", "--set", "method.r_inner=16", "--set", "training.save_strategy=no"])
+    assert rc == 0 and "trained pr-nado: 2 steps" in capsys.readouterr().out
+    log = json.loads((out / "nado" / "rounds.json").read_text())
+    assert log["schedule"] == "parallel"
+    assert {r["pid"] for r in log["r_rounds"]} != {log["main_pid"]}  # R was trained in the worker process
+    rc = main(["train", "--method", "sft", "--parallel", "--model", str(tiny_model_dir), "--data", str(mixed_jsonl),
+               "-o", str(tmp_path / "sft")])
+    assert rc == 2 and "method.parallel: unknown option for method 'sft'" in capsys.readouterr().err
+
+
 @pytest.fixture
 def constant_judge():
     """A judge that scores every text 0.25, registered for one test (the parallel worker, forked,

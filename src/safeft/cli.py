@@ -69,6 +69,8 @@ def config_from_args(args):
         overrides["overwrite"] = True
     if getattr(args, "resume", False):
         overrides["resume"] = True
+    if getattr(args, "parallel", False):
+        overrides["method.parallel"] = True
     return load_config(args.config, overrides, args.set)
 
 
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a model with a registered method")
     add_config_flags(p)
+    p.add_argument("--parallel", action="store_true",
+                   help="pr-nado: the paper's parallel algorithm, R trained in a second process (method.parallel)")
     p.add_argument("--num-processes", type=int, default=None,
                    help="launch this many processes through accelerate (same as 'accelerate launch')")
     p.add_argument("--accelerate-config", default=None, metavar="FILE",
