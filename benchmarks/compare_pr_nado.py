@@ -139,9 +139,10 @@ def train(method: dict, data: Path, out: Path, steps: int) -> tuple[dict, float]
     return summary, time.perf_counter() - t
 
 
-def train_rlhf(work: Path, data: Path, iters: int, batch: int, new_tokens: int):
+def train_rlhf(work: Path, data: Path, iters: int, batch: int, new_tokens: int, judge: str, jopts: dict):
     """The paper's RL baseline, read as RL after fine-tuning: the sft model (its adapter merged)
-    gets a fresh LoRA and PPO with the offline toxicity reward, the KL penalty to the sft model
+    gets a fresh LoRA and PPO with the run's judge as reward (the offline toxicity reward for
+    ``toxicity``, minus the judge's score otherwise), the KL penalty to the sft model
     (the adapter-disabled reference), on continuation prompts made of the first 8 words of each
     training row. Returns the in-memory policy (its saved adapter would load onto the base model,
     not the merged sft one)."""
@@ -155,7 +156,8 @@ def train_rlhf(work: Path, data: Path, iters: int, batch: int, new_tokens: int):
     ptxt = work / "rl_prompts.txt"
     ptxt.write_text("\n".join(prompts) + "\n")
     t = time.perf_counter()
-    summary = api.train(None, model=policy, tokenizer=tok, **{
+    reward = {} if judge == "toxicity" else {"method.reward": f"judge:{judge}", "method.reward_options": jopts}
+    summary = api.train(None, model=policy, tokenizer=tok, **reward, **{
         "method.name": "rlhf", "data.train.path": str(ptxt), "method.max_new_tokens": new_tokens,
         "method.batch_size": batch, "method.mini_batch_size": max(1, batch // 2), "training.max_steps": iters,
         "training.learning_rate": LR, "training.disable_tqdm": True, "training.save_strategy": "no",
@@ -253,12 +255,14 @@ def main() -> None:
                                        for r in summary["rounds"]["r_rounds"]]
         print(name, table[name], flush=True)
     if "rlhf" in chosen:
-        model, tok, secs, summary = train_rlhf(work, mix["train"], args.rl_iters, args.rl_batch, args.new_tokens)
+        model, tok, secs, summary = train_rlhf(work, mix["train"], args.rl_iters, args.rl_batch, args.new_tokens,
+                                               args.judge, jopts)
         table["rlhf"] = {**evaluate(model, tok, prompts, mix["ppl_texts"], new_tokens=args.new_tokens, judges=judges,
                                     samples=args.eval_samples),
                          "train_s": round(secs, 1), "iterations": summary["global_step"],
-                         "note": "PPO (safeft rlhf, offline toxicity reward) on the merged sft model, KL to it; "
-                                 "prompts: the first 8 words of each training row"}
+                         "note": ("PPO (safeft rlhf, offline toxicity reward)" if args.judge == "toxicity" else
+                                  f"PPO (safeft rlhf, reward: minus the {args.judge} score)")
+                                 + " on the merged sft model, KL to it; prompts: the first 8 words of each training row"}
         print("rlhf", table["rlhf"], flush=True)
         del model
     if "pr-nado" not in runs:
