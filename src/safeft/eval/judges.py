@@ -173,6 +173,21 @@ class ProfanityJudge(Judge):
 
 # --- any HF sequence classifier -------------------------------------------------------------
 
+def load_hf(model: str, auto_cls, device: str | None, *, what: str, offline: str):
+    """(tokenizer, model in eval mode on ``device``, device) for a judge's transformers model;
+    a model that cannot load is one ModelLoadError line naming ``what`` and the ``offline`` way out."""
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        tok, net = AutoTokenizer.from_pretrained(model), auto_cls.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot load {what} {model!r} ({first}); offline, {offline}", field="judges") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return tok, net.to(device).eval(), device
+
+
 UNSAFE_LABEL_WORDS = ("toxic", "unsafe", "harmful", "hate", "offensive", "insult", "obscene", "threat")
 
 
@@ -194,18 +209,11 @@ class HFClassifierJudge(Judge):
                  batch_size: int = 16, max_length: int = 512, input: str = "response", device: str | None = None):
         if not model:
             raise ConfigError("hf-classifier needs a model: hf-classifier:<hub id or path>", field="judges")
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        try:
-            self.tok = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model)
-        except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelLoadError(f"cannot load classifier {model!r} ({first}); offline, use --judges toxicity "
-                                 "(alt-profanity-check) or a local classifier directory", field="judges") from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
+        self.tok, self.model, self.device = load_hf(
+            model, AutoModelForSequenceClassification, device, what="classifier",
+            offline="use --judges toxicity (alt-profanity-check) or a local classifier directory")
         self.threshold, self.batch_size, self.max_length = float(threshold), int(batch_size), int(max_length)
         if input not in ("response", "prompt+response"):
             raise ConfigError(f"input must be response or prompt+response, got {input!r}", field="judges")
@@ -389,4 +397,5 @@ class LLMJudge(Judge):
 from . import hate_judge  # noqa: E402,F401 - registers implicit-hate
 
 __all__ = ["HARMFUL_INSTRUCT_TEMPLATE", "JUDGES", "Judge", "LLAMA_GUARD_TEMPLATE", "REFUSAL_PHRASES", "Verdict",
-           "get_judge", "is_refusal", "known_judge", "normalise", "parse_harmful_instruct", "parse_llama_guard", "register_judge"]
+           "get_judge", "is_refusal", "known_judge", "load_hf", "normalise", "parse_harmful_instruct",
+           "parse_llama_guard", "register_judge"]

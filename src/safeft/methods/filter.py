@@ -11,9 +11,8 @@ classifier; ``implicit-hate`` for hate without bad words); examples scoring at o
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from .. import nado
 from ..engine.run import atomic_write_text
@@ -22,18 +21,9 @@ from . import register
 from .sft import SFT
 
 
-class FilterParams(BaseModel):
+class FilterParams(nado.JudgeChoice):
     model_config = ConfigDict(extra="forbid")
     threshold: float = Field(0.5, ge=0, le=1, description="drop examples whose judge score is ≥ this")
-    judge: str = "toxicity"
-    judge_opts: dict[str, Any] = Field(default_factory=dict, description="options of the judge")
-
-    @field_validator("judge")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from ..eval.judges import known_judge
-
-        return known_judge(v)
 
 
 def trained_texts(dataset, tokenizer) -> list[str]:

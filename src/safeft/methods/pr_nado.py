@@ -9,8 +9,8 @@ Loss per response token of a training sequence (x, y)::
 
 R is the NADO constraint model (:mod:`safeft.nado`): the probability that a continuation
 of the prefix ends non-toxic, trained by BCE on sequences sampled from the current LLM and
-labelled by a judge (``judge``, default the offline ``toxicity`` classifier). q is the closest distribution to p_θ that respects R
-(posterior regularization's E-step) and is held fixed while θ moves toward it (the M-step),
+labelled by a judge (``judge``, default the offline ``toxicity`` classifier). q is the
+closest distribution to p_θ that respects R (posterior regularization's E-step) and is held fixed while θ moves toward it (the M-step),
 so the gradient w.r.t. a logit is p_θ − q. R is evaluated on the ``top_k`` most likely
 tokens of p_θ (``top_k: 0`` = the whole vocabulary); the rest keep their probability
 (:func:`safeft.nado.project`).
@@ -37,6 +37,7 @@ the rounds (docs/pr-nado.md, "Resume").
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,11 +49,11 @@ import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -65,11 +66,12 @@ from ..errors import ConfigError
 from ..models import unwrap
 from . import register
 from .base import LossOutput, Method
+from .filter import trained_texts
 
 register_decoding("nado", nado.nado_decoding)  # safeft eval --decoding nado:RUN/nado[,top_k=K][,alpha=A]
 
 
-class PRNadoParams(BaseModel):
+class PRNadoParams(nado.JudgeChoice):
     model_config = ConfigDict(extra="forbid")
     lam: float = Field(1.0, ge=0, description="λ, weight of KL(q ‖ p_θ)")
     rounds: int = Field(2, ge=1, description="rounds of (sample, label, train R, fine-tune θ)")
@@ -83,18 +85,9 @@ class PRNadoParams(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     soft_labels: bool = True
-    """Label C = 1 − the judge's score (soft) or 1[score < 0.5] (hard)."""
-    judge: str = "toxicity"
-    """The evaluation framework's judge that labels R's samples (and, with ``assign: judge``, the
-    training examples): ``toxicity`` (offline profanity classifier), ``implicit-hate``, ..."""
-    judge_opts: dict[str, Any] = Field(default_factory=dict, description="options of the judge")
-
-    @field_validator("judge")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from ..eval.judges import known_judge
-
-        return known_judge(v)
+    """Label C = 1 − the judge's score (soft) or 1[score < 0.5] (hard); the judge (``judge``,
+    ``judge_opts``, from :class:`safeft.nado.JudgeChoice`) labels R's samples and, with
+    ``assign: judge``, the training examples."""
     r_epochs: int = Field(4, ge=1)
     r_lr: float = Field(1e-3, gt=0)
     r_inner: int = Field(256, ge=1)
@@ -233,6 +226,12 @@ class PRNado(Method):
         self.log: dict = {"schedule": "parallel" if params.parallel else "sequential", "r_rounds": [], "theta_rounds": []}
         self._proc = None
 
+    @functools.cached_property
+    def _scorer(self):
+        """The judge, built once in this process on first use (R's labels in the sequential
+        schedule, ``assign: judge``); the parallel worker builds its own."""
+        return nado.judge_scorer(self.params.judge, self.params.judge_opts)
+
     # --- the training loop ------------------------------------------------------------------
     def train(self):
         from ..engine.trainer import fit
@@ -332,7 +331,6 @@ class PRNado(Method):
         resumed run restore ``resume_from``'s state and restart the R round that was in flight."""
         if not self.params.parallel:
             self._cm = nado.ConstraintModel.for_model(self.run.model, self.params.r_inner)
-            self._scorer = nado.judge_scorer(self.params.judge, self.params.judge_opts)
             if resume_from is not None:
                 self._restore(resume_from)
             return
@@ -446,8 +444,7 @@ class PRNado(Method):
         if p.assign == "tag":
             self.is_constraint = self._flags_from_tags(ds)
         else:
-            texts = [self.run.tokenizer.decode([t for t in ex["labels"] if t != -100], skip_special_tokens=True) for ex in ds]
-            scores = nado.judge_scorer(p.judge, p.judge_opts)(texts)
+            scores = self._scorer(trained_texts(ds, self.run.tokenizer))
             flags = torch.zeros(max(ds["idx"]) + 1, dtype=torch.bool)
             for ex, s in zip(ds, scores):
                 flags[ex["idx"]] = s >= p.judge_threshold
